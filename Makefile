@@ -1,0 +1,39 @@
+# stealguard: `make setup`, `make demo`, `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# The CPU build of torch: pinned so pip takes the local CPU wheel instead of several GB of CUDA
+# packages. On a CUDA machine, install torch for your CUDA first and run `make setup TORCH=`.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= dev
+STEALGUARD_DATA ?= $(abspath ../shared/datasets)
+export STEALGUARD_DATA
+
+.PHONY: setup demo test test-slow bench lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/stealguard demo
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+bench: setup
+	$(PY) benchmarks/bench_training.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

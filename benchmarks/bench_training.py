@@ -1,0 +1,104 @@
+"""Training throughput: stealguard's whole-dataset, batched-augmentation loop versus a
+plain DataLoader-style loop (per-sample __getitem__, per-sample augmentation in Python,
+default collate), same model, same optimizer, measured side by side in one run.
+
+    .venv/bin/python benchmarks/bench_training.py [--arch conv3] [--images 8192] [--device cpu]
+
+Prints images/second for each and the ratio (ours / per-sample loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stealguard.models import build_model
+from stealguard.training import TrainConfig, resolve_device, soft_cross_entropy, train
+
+
+class PerSampleDataset(Dataset):
+    """What a torchvision-style pipeline does: one image at a time, augmented in Python."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float() / 255.0  # (C, H, W)
+        if self.augment:
+            c, h, w = x.shape
+            padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+            dy, dx = (int(v) for v in torch.randint(0, 9, (2,)))
+            x = padded[:, dy:dy + h, dx:dx + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def per_sample_loop(model, images, labels, *, epochs, batch_size, augment, device) -> float:
+    loader = DataLoader(PerSampleDataset(images, labels, augment), batch_size=batch_size,
+                        shuffle=True, num_workers=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model.to(device).train()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            loss = soft_cross_entropy(model(xb.to(device)), yb.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(labels) * epochs / (time.perf_counter() - t0)
+
+
+def ours(model, images, labels, *, epochs, batch_size, augment, device) -> float:
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05, augment=augment)
+    log = train(model, images, labels, config=cfg, device=device, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return log.samples_per_second
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="conv3")
+    p.add_argument("--images", type=int, default=8192)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.images, args.channels, args.size, args.size),
+                           dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (args.images,), generator=g)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, "
+          f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}")
+    print(f"arch {args.arch}, {args.images} images {args.channels}x{args.size}x{args.size}, "
+          f"{args.epochs} epochs, batch {args.batch_size}")
+    for augment in (False, True):
+        rates = {}
+        for name, fn in (("per-sample DataLoader loop", per_sample_loop), ("stealguard train", ours)):
+            torch.manual_seed(0)
+            model = build_model(args.arch, in_channels=args.channels, image_size=args.size,
+                                num_classes=10)
+            fn(model, images[:512], labels[:512], epochs=1, batch_size=args.batch_size,
+               augment=augment, device=device)  # warm-up
+            rates[name] = fn(model, images, labels, epochs=args.epochs,
+                             batch_size=args.batch_size, augment=augment, device=device)
+        base, mine = rates["per-sample DataLoader loop"], rates["stealguard train"]
+        print(f"augment={augment!s:5}  per-sample loop {base:8.0f} img/s   "
+              f"stealguard {mine:8.0f} img/s   ratio {mine / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The `stealguard` command. It parses options and hands off to the library.
+
+Every command that reports figures prints a table, or with --json one JSON object.
+Errors on bad input print one line that says what was wrong and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from stealguard import __version__
+from stealguard.errors import StealguardError
+
+app = typer.Typer(help="Defend image classifiers against model stealing, and measure it.",
+                  pretty_exceptions_enable=False,
+                  no_args_is_help=True, add_completion=False)
+attack_app = typer.Typer(help="Steal a model through its black box.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: list and download.", no_args_is_help=True)
+app.add_typer(attack_app, name="attack")
+app.add_typer(data_app, name="data")
+# A wide console when piped, so tables are not squeezed into 80 columns in logs.
+out = Console(width=None if sys.stdout.isatty() else 140)
+
+DataRoot = typer.Option(None, "--data-root", envvar="STEALGUARD_DATA",
+                        help="Dataset root (default: $STEALGUARD_DATA or the user cache).")
+Device = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto.")
+Json = typer.Option(False, "--json", help="Print the figures as one JSON object.")
+Seed = typer.Option(0, "--seed", help="Random seed.")
+
+
+def _emit(figures: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(figures, default=str))
+        return
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in figures.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+def _config(**kw: Any) -> Any:
+    from stealguard.training import TrainConfig
+
+    try:
+        return TrainConfig(**{k: v for k, v in kw.items() if v is not None})
+    except ValidationError as e:
+        raise StealguardError(f"invalid training option: {e}") from None
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (see `stealguard data list`)."),
+    arch: str = typer.Option("conv3", "--arch", help="Model architecture (see `stealguard models`)."),
+    out_dir: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    optimizer: str = typer.Option("sgd", help="sgd, adam or adagrad."),
+    lr: float = typer.Option(0.05, help="Initial learning rate (cosine schedule)."),
+    weight_decay: float = typer.Option(5e-4, help="Weight decay."),
+    augment: bool = typer.Option(False, help="Random crop (pad 4) and horizontal flip."),
+    train_subset: Optional[int] = typer.Option(None, help="Train on a random subset of N images."),
+    seed: int = Seed, device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
+) -> None:
+    """Train an undefended victim and save it as an artifact (safetensors + manifest)."""
+    from stealguard.pipeline import save_victim, train_victim
+
+    cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                  weight_decay=weight_decay, augment=augment, seed=seed)
+    t0 = time.perf_counter()
+    victim = train_victim(dataset, arch, cfg, data_root=data_root, train_subset=train_subset,
+                          device=device, progress=not as_json)
+    save_victim(victim, out_dir)
+    _emit({"dataset": dataset, "arch": arch, "test_accuracy": victim.test_accuracy,
+           "seconds": round(time.perf_counter() - t0, 1), "artifact": str(out_dir)},
+          as_json, "victim")
+
+
+@app.command()
+def evaluate(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    dataset: Optional[str] = typer.Option(None, help="Test set (default: the artifact's)."),
+    device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
+) -> None:
+    """Report an artifact's accuracy on a test split (the final model, as saved)."""
+    from stealguard.data import load_dataset
+    from stealguard.pipeline import load_victim, test_set_for
+    from stealguard.training import accuracy
+
+    victim = load_victim(artifact)
+    test = (test_set_for(victim, data_root=data_root) if dataset is None
+            else load_dataset(dataset, "test", data_root=data_root))
+    acc = accuracy(victim.model, test.images, test.labels, device=device)
+    _emit({"artifact": str(artifact), "arch": victim.model.arch, "dataset": test.name,
+           "test_images": len(test), "test_accuracy": acc}, as_json, "evaluation")
+
+
+@attack_app.command("knockoff")
+def attack_knockoff(
+    victim_path: Path = typer.Option(..., "--victim", help="Victim artifact directory."),
+    surrogate: str = typer.Option(..., "--surrogate", help="Attacker's query dataset."),
+    budget: int = typer.Option(50_000, help="Query budget."),
+    labels: str = typer.Option("soft", help="soft (probabilities) or hard (argmax)."),
+    output: str = typer.Option("probs", help="What the black box returns: probs, topk, label."),
+    arch: Optional[str] = typer.Option(None, help="Clone architecture (default: the victim's)."),
+    epochs: int = typer.Option(50, help="Clone training epochs."),
+    batch_size: int = typer.Option(128, help="Clone batch size."),
+    optimizer: str = typer.Option("sgd", help="sgd, adam or adagrad."),
+    lr: float = typer.Option(0.1, help="Clone learning rate."),
+    save_clone: Optional[Path] = typer.Option(None, help="Save the clone as an artifact here."),
+    seed: int = Seed, device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
+) -> None:
+    """KnockoffNets (random strategy): query with a surrogate set, train a clone."""
+    from stealguard.artifacts import save_classifier
+    from stealguard.pipeline import load_victim, steal_knockoff
+
+    cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed)
+    victim = load_victim(victim_path)
+    r = steal_knockoff(victim, surrogate=surrogate, budget=budget, labels=labels, config=cfg,
+                       arch=arch, output=output, data_root=data_root, device=device,
+                       progress=not as_json)
+    clone = r.pop("clone")
+    if save_clone is not None:
+        save_classifier(save_clone, clone, dataset=victim.dataset, classes=victim.classes,
+                        train_config=cfg.model_dump(),
+                        metrics={"test_accuracy": r["clone_accuracy"]},
+                        extra={"stolen_from": str(victim_path)})
+        r["clone_artifact"] = str(save_clone)
+    _emit(r, as_json, "KnockoffNets")
+
+
+@app.command()
+def demo(
+    scale: str = typer.Option("quick", help="quick (2-core CPU, minutes) or full (papers' sizes)."),
+    device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
+) -> None:
+    """The main job: MNIST victim, KnockoffNets clones (FashionMNIST queries), one table."""
+    from stealguard.demo import SCALES, run_demo
+
+    if scale not in SCALES:
+        raise StealguardError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    t0 = time.perf_counter()
+    rows = run_demo(scale=scale, device=device, data_root=data_root, progress=not as_json)
+    seconds = round(time.perf_counter() - t0, 1)
+    if as_json:
+        print(json.dumps({"scale": scale, "seconds": seconds, "rows": rows}))
+        return
+    table = Table(title=f"stealguard demo (scale={scale}, {seconds} s)")
+    for col in ("row", "dataset", "defense", "attack", "labels", "queries", "accuracy",
+                "normalized", "agreement"):
+        table.add_column(col, justify="right" if col in ("queries", "accuracy") else "left")
+    for r in rows:
+        table.add_row(r["row"], r["dataset"], r["defense"], r["attack"], r["labels"],
+                      str(r["queries"]), f"{100 * r['accuracy']:.2f} %",
+                      f"{r['normalized_accuracy']:.2f}x", f"{100 * r['agreement']:.2f} %")
+    out.print(table)
+
+
+@app.command()
+def models(as_json: bool = Json) -> None:
+    """List the registered model architectures."""
+    from stealguard.models import MODELS
+
+    names = MODELS.names()
+    print(json.dumps({"models": names}) if as_json else "\n".join(names))
+
+
+@data_app.command("list")
+def data_list(as_json: bool = Json) -> None:
+    """List the registered datasets (plus imagefolder:<path>)."""
+    from stealguard.data import DATASETS
+
+    names = [*DATASETS.names(), "imagefolder:<path>"]
+    print(json.dumps({"datasets": names}) if as_json else "\n".join(names))
+
+
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="Dataset name."),
+    data_root: Optional[str] = DataRoot,
+) -> None:
+    """Download a public dataset into the data root, checking its checksums."""
+    from stealguard.data import resolve_data_root
+    from stealguard.data.download import download_dataset
+
+    root = resolve_data_root(data_root)
+    download_dataset(name, root)
+    print(f"{name}: downloaded and verified under {root}")
+
+
+@app.command()
+def version() -> None:
+    """Print the package version."""
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except StealguardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,196 @@
+"""Joint training of the N members on eq. 3 as one batched computation.
+
+Kariyappa et al., "Protecting DNNs from Theft using an Ensemble of Diverse Models",
+ICLR 2021, section 4.1, eq. 3:
+
+    L = E [ 1/N sum_i CE(f_i(x), y) + lambda_D * DivLoss({f_i(x~)}_{i=1..N}) ]
+
+The members' parameters are stacked along a leading axis N with
+`torch.func.stack_module_state`, and one `vmap` of `functional_call` evaluates all members
+on a batch at once: each step is one forward and one backward for the whole ensemble, not a
+Python loop over models. Each step every member sees the same in-distribution batch x
+(B images) and the same OOD batch x~ (B' images), so the diversity term compares the
+members on identical inputs. The optimizer (SGD / Adam / Adagrad of `TrainConfig`) acts
+element-wise, so one optimizer over the stacked tensors equals N separate optimizers.
+
+Our choice: each step descends N * L, not L. Both have the same minimiser and the same
+ratio lambda_D between the two terms, but with L's 1/N every member's cross-entropy gradient
+is N times smaller than when it trains alone, so with SGD a `TrainConfig` would mean an N
+times smaller learning rate for an ensemble than for the undefended victim. With N * L,
+lambda_D = 0 (the paper's regular ensemble) is exactly N independent trainings, and the
+logged "loss" is L itself (eq. 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from stealguard.data.augment import augment_batch
+from stealguard.ensemble.diversity import edm_loss
+from stealguard.errors import ConfigError, InputError
+from stealguard.models import Classifier
+from stealguard.training import (
+    TrainConfig, make_optimizer, resolve_device, seed_everything, to_float_images,
+)
+
+
+class StackedMembers(nn.Module):
+    """N members of one architecture as stacked tensors; `forward(x)` -> (N, B, K) logits."""
+
+    def __init__(self, members: Sequence[Classifier]) -> None:
+        super().__init__()
+        check_members(members)
+        params, buffers = stack_module_state(list(members))  # name -> (N, ...) tensors
+        self.names = list(params)
+        # Parameters (not plain tensors) so optimizers and `.to()` see them
+        self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.names])
+        self.buffer_names = list(buffers)
+        for i, k in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer_{i}", buffers[k])
+        self.n = len(members)
+        # a stateless skeleton: functional_call supplies the tensors
+        self._skeleton = [copy.deepcopy(members[0]).to("meta")]  # list: not a submodule
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        params = dict(zip(self.names, self.stacked))
+        buffers = {k: getattr(self, f"buffer_{i}") for i, k in enumerate(self.buffer_names)}
+        return params, buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) shared by all members -> (N, B, K) logits, one vmapped call."""
+        skeleton = self._skeleton[0]
+
+        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(skeleton, (p, b), (x,))
+
+        return vmap(one)(*self._tensors())
+
+    @torch.no_grad()
+    def write_back(self, members: Sequence[nn.Module]) -> None:
+        """Copy the stacked tensors into the member modules (member i gets slice i)."""
+        params, buffers = self._tensors()
+        for i, m in enumerate(members):
+            state = {k: v[i] for k, v in {**params, **buffers}.items()}
+            m.load_state_dict(state, strict=True)
+
+
+def check_members(members: Sequence[nn.Module]) -> None:
+    """N >= 2 members of one architecture, input shape and class count."""
+    if len(members) < 2:
+        raise ConfigError(f"an EDM ensemble needs N >= 2 members, got {len(members)}")
+    first = members[0]
+    for i, m in enumerate(members[1:], start=1):
+        for attr in ("arch", "input_shape", "num_classes"):
+            if getattr(m, attr, None) != getattr(first, attr, None):
+                raise ConfigError(f"member {i} has {attr} {getattr(m, attr, None)!r}, member 0 "
+                                  f"has {getattr(first, attr, None)!r}; members must match")
+
+
+@dataclass
+class EnsembleLog:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0  # in-distribution images per second (all members)
+
+
+def _check_data(members: Sequence[Classifier], images: torch.Tensor, labels: torch.Tensor,
+                ood_images: torch.Tensor | None, lambda_d: float) -> None:
+    shape = tuple(members[0].input_shape)
+    if images.dim() != 4 or tuple(images.shape[1:]) != shape or labels.shape != images.shape[:1]:
+        raise InputError(f"train_ensemble expects images (N, {', '.join(map(str, shape))}) and "
+                         f"as many labels, got {tuple(images.shape)} and {tuple(labels.shape)}")
+    if lambda_d < 0:
+        raise ConfigError(f"lambda_D must be >= 0, got {lambda_d}")
+    if lambda_d > 0:
+        if ood_images is None or len(ood_images) == 0:
+            raise ConfigError("lambda_D > 0 needs an out-of-distribution image set")
+        if tuple(ood_images.shape[1:]) != shape:
+            raise ConfigError(f"the OOD images have shape {tuple(ood_images.shape[1:])}, the "
+                              f"members take {shape}; use an OOD set of the victim's image shape")
+
+
+def train_ensemble(
+    members: Sequence[Classifier], images: torch.Tensor, labels: torch.Tensor,
+    ood_images: torch.Tensor | None, *, lambda_d: float, config: TrainConfig,
+    ood_batch_size: int | None = None, device: str | torch.device | None = "cpu",
+    progress: bool = True, desc: str = "edm",
+) -> EnsembleLog:
+    """Train `members` in place on eq. 3. images (M, C, H, W) uint8, labels (M,) int64,
+    ood_images (M', C, H, W) uint8 (unused when lambda_d == 0). ood_batch_size defaults to
+    config.batch_size; the OOD set is cycled, reshuffled each pass."""
+    check_members(members)
+    _check_data(members, images, labels, ood_images, lambda_d)
+    cfg, dev = config, resolve_device(device)
+    seed_everything(cfg.seed)
+    stack = StackedMembers(members).to(dev).train()
+    x_all, y_all = images.to(dev), labels.to(dev).long()
+    x_ood = ood_images.to(dev) if (lambda_d > 0 and ood_images is not None) else None
+    b_ood = ood_batch_size or cfg.batch_size
+    n = int(x_all.shape[0])
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    opt = make_optimizer(stack, cfg)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+             if cfg.schedule == "cosine" else None)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    ood_stream = _cycle(x_ood, b_ood, gen) if x_ood is not None else None
+    log, t0 = EnsembleLog(), time.perf_counter()
+    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False):
+        sums = torch.zeros(3, device=dev)  # loss, ce, div (summed over images)
+        perm = torch.randperm(n, device=dev, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]  # (B,)
+            xo = next(ood_stream) if ood_stream is not None else None  # (B', C, H, W)
+            parts = _step(stack, opt, cfg, dev, _batch(x_all[idx], cfg, gen), y_all[idx], xo,
+                          lambda_d)
+            if sched is not None:
+                sched.step()
+            sums += parts * idx.numel()
+        loss, ce, div = (sums / n).tolist()
+        log.epochs.append({"epoch": epoch + 1, "loss": loss, "ce": ce, "div": div})
+    stack.write_back(members)
+    for m in members:
+        m.eval()
+    log.seconds = time.perf_counter() - t0
+    log.samples_per_second = n * cfg.epochs / max(log.seconds, 1e-9)
+    return log
+
+
+def _batch(xb: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    xb = to_float_images(xb)  # (B, C, H, W) in [0, 1]
+    if cfg.augment:
+        xb = augment_batch(xb, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
+    return xb
+
+
+def _cycle(x: torch.Tensor, batch: int, gen: torch.Generator):  # type: ignore[no-untyped-def]
+    """Endless stream of (batch, C, H, W) float batches, a fresh permutation each pass."""
+    while True:
+        perm = torch.randperm(len(x), device=x.device, generator=gen)
+        for start in range(0, len(x) - batch + 1 if len(x) >= batch else 1, batch):
+            yield to_float_images(x[perm[start:start + batch]])
+
+
+def _step(stack: StackedMembers, opt: torch.optim.Optimizer, cfg: TrainConfig,
+          dev: torch.device, xb: torch.Tensor, yb: torch.Tensor, xo: torch.Tensor | None,
+          lambda_d: float) -> torch.Tensor:
+    """One optimizer step on eq. 3; returns (loss, ce, div) detached, shape (3,)."""
+    b = xb.shape[0]
+    x = xb if xo is None else torch.cat([xb, xo])  # one vmapped pass over both batches
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                        enabled=cfg.amp and dev.type == "cuda"):
+        logits = stack(x).float()  # (N, B + B', K)
+    out = logits[:, b:] if xo is not None else None
+    loss, ce, div = edm_loss(logits[:, :b], yb, out, lambda_d=lambda_d)
+    opt.zero_grad(set_to_none=True)
+    (loss * stack.n).backward()  # N * L: see the module docstring
+    opt.step()
+    return torch.stack([loss.detach(), ce, div])

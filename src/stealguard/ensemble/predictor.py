@@ -1,0 +1,104 @@
+"""The EDM predictor: each query is answered by one member, chosen by a secret hash.
+
+Kariyappa et al., "Protecting DNNs from Theft using an Ensemble of Diverse Models",
+ICLR 2021, section 4.2 (Fig. 4):
+
+    index(x) = H(x) mod N,      y_out = f_index(x)
+
+It is a model like any other (pixels in [0, 1] -> log-probabilities), so it goes behind
+`LocalBlackBox` unchanged and output defenses compose after it (EDM then MAD, App. A.3):
+
+    edm = EDMPredictor(members, hash_fn=DNNHash(hash_net))
+    bb = LocalBlackBox(edm, defense=mad, budget=50_000)
+
+A batch is grouped by member: member i runs once, on the rows routed to it, so a batch costs
+one pass per member over its share plus the hash (App. A.4). The routing is a pure function
+of each image: the same image gets the same member whatever batch it comes in.
+
+The hash network and its task are secret. `info()` is the public description (members,
+architecture, shapes) and `repr` hides the hash; nothing a query returns depends on the
+hash except through the chosen member's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from stealguard.ensemble.hashing import DNNHash, ImageHash
+from stealguard.ensemble.joint import check_members
+from stealguard.errors import ConfigError, InputError
+from stealguard.models import Classifier
+
+
+class EDMPredictor(nn.Module):
+    """N members + a hash; `predict_proba(x)` (B, K) answers, `forward(x)` their logs.
+
+    Args:
+        members: N >= 2 classifiers of one architecture, input shape and class count.
+        hash_fn: the member selector; a `DNNHash` (the paper's, default in the pipeline),
+            `DCTHash` or `SHA1Hash`. A DNN hash network must take the members' input shape.
+    """
+
+    def __init__(self, members: Sequence[Classifier], *, hash_fn: ImageHash) -> None:
+        super().__init__()
+        check_members(members)
+        self.members = nn.ModuleList(members)
+        if isinstance(hash_fn, DNNHash) and hash_fn.input_shape != tuple(members[0].input_shape):
+            raise ConfigError(f"the hash network takes {hash_fn.input_shape} images, the members "
+                              f"take {tuple(members[0].input_shape)}")
+        self.hash_fn = hash_fn  # an nn.Module hash (DNNHash) is a submodule: moves with .to()
+        self.arch: str = members[0].arch  # the clone architecture attacks default to
+        self.num_classes: int = int(members[0].num_classes)
+        self.input_shape: tuple[int, int, int] = tuple(members[0].input_shape)  # type: ignore
+        self.eval()
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    @torch.no_grad()
+    def member_index(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float in [0, 1] -> (B,) int64 member indices in [0, N)."""
+        self._check(x)
+        return self.hash_fn.index(x, members=self.n_members)
+
+    def routed_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K): row b is member index(x_b)'s logits for x_b."""
+        idx = self.member_index(x)  # (B,)
+        out = x.new_empty(x.shape[0], self.num_classes)
+        for i in idx.unique().tolist():  # one pass per member, over its share of the batch
+            rows = (idx == i).nonzero().squeeze(1)  # (B_i,)
+            out[rows] = self.members[i](x[rows]).to(out.dtype)  # (B_i, K)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K) log-probabilities of the routed members."""
+        return torch.log_softmax(self.routed_logits(x).float(), dim=1)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K) probabilities, what the black box hands to the defenses."""
+        return torch.softmax(self.routed_logits(x).float(), dim=1)
+
+    @torch.no_grad()
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Owner-side analysis: every member's probabilities, (N, B, K) (for coherence)."""
+        self._check(x)
+        return torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])
+
+    def info(self) -> dict[str, Any]:
+        """The public description: nothing about the hash network or its task."""
+        return {"defense": "edm", "members": self.n_members, "arch": self.arch,
+                "input_shape": list(self.input_shape), "num_classes": self.num_classes}
+
+    def __repr__(self) -> str:
+        return (f"EDMPredictor(members={self.n_members} x {self.arch}, input_shape="
+                f"{self.input_shape}, num_classes={self.num_classes}, hash=<secret>)")
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"EDM expects float images (B, {', '.join(map(str, self.input_shape))})"
+                             f" in [0, 1], got {tuple(x.shape)}")

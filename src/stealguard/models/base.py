@@ -1,0 +1,78 @@
+"""Model registry and the wrapper that puts normalisation inside the model.
+
+Every registered factory has the signature
+    factory(*, in_channels: int, image_size: int, num_classes: int) -> Net
+where a Net is an nn.Module with
+    forward_features(x) -> (B, D) penultimate features, and
+    classifier: nn.Linear (D -> num_classes), and
+    forward(x) = classifier(forward_features(x)) -> logits (B, K).
+The split lets MAD use the last linear layer in closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from stealguard.registry import Registry
+
+Factory = Callable[..., nn.Module]
+MODELS: Registry[Factory] = Registry("model")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers so they travel with the weights."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """Pixel images in [0, 1] (B, C, H, W) -> logits (B, K). Normalisation is inside."""
+
+    def __init__(
+        self, net: nn.Module, *, arch: str, in_channels: int, image_size: int,
+        num_classes: int, mean: Sequence[float], std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.arch, self.in_channels, self.image_size, self.num_classes = (
+            arch, in_channels, image_size, num_classes,
+        )
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(self.normalize(x))  # type: ignore[operator]
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.net.classifier  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def build_model(
+    arch: str, *, in_channels: int, image_size: int, num_classes: int,
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+) -> Classifier:
+    """Build a registered architecture wrapped with its input normalisation."""
+    factory = MODELS.get(arch)
+    net = factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    mean = tuple(mean) if mean is not None else (0.5,) * in_channels
+    std = tuple(std) if std is not None else (0.5,) * in_channels
+    return Classifier(
+        net, arch=arch, in_channels=in_channels, image_size=image_size,
+        num_classes=num_classes, mean=mean, std=std,
+    )

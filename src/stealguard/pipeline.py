@@ -1,0 +1,96 @@
+"""The data path in a few calls: dataset -> victim -> black box -> attack -> metrics.
+
+The CLI, the demo and (later) experiment specs all go through these functions, so a number
+printed by `stealguard demo` and one stored by a sweep are computed the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stealguard.artifacts import load_classifier, save_classifier
+from stealguard.attacks import KnockoffNets
+from stealguard.blackbox import LocalBlackBox
+from stealguard.data import ImageDataset, load_dataset
+from stealguard.data.augment import to_shape
+from stealguard.defenses import Defense
+from stealguard.metrics import clone_metrics
+from stealguard.models import Classifier, build_model
+from stealguard.training import TrainConfig, accuracy, train
+
+
+@dataclass
+class Victim:
+    model: Classifier
+    dataset: str
+    classes: list[str]
+    test_accuracy: float
+    train_config: dict[str, Any]
+
+
+def train_victim(
+    dataset: str, arch: str, config: TrainConfig, *, data_root: str | Path | None = None,
+    train_subset: int | None = None, device: str | torch.device | None = "cpu",
+    progress: bool = True,
+) -> Victim:
+    """Train an undefended victim on `dataset`'s train split, evaluate the final model on test."""
+    train_set = load_dataset(dataset, "train", data_root=data_root)
+    test_set = load_dataset(dataset, "test", data_root=data_root)
+    if train_subset is not None:
+        train_set = train_set.subset(train_subset, seed=config.seed)
+    c, h, _ = train_set.image_shape
+    torch.manual_seed(config.seed)
+    model = build_model(arch, in_channels=c, image_size=h, num_classes=train_set.num_classes,
+                        mean=train_set.mean, std=train_set.std)
+    train(model, train_set.images, train_set.labels, config=config, device=device,
+          progress=progress, desc=f"victim {dataset}/{arch}")
+    acc = accuracy(model, test_set.images, test_set.labels, device=device)
+    return Victim(model.cpu(), dataset, train_set.classes, acc, config.model_dump())
+
+
+def save_victim(victim: Victim, out: str | Path, **extra_metrics: Any) -> Path:
+    return save_classifier(
+        out, victim.model, dataset=victim.dataset, classes=victim.classes,
+        train_config=victim.train_config,
+        metrics={"test_accuracy": victim.test_accuracy, **extra_metrics},
+    )
+
+
+def load_victim(path: str | Path) -> Victim:
+    model, manifest = load_classifier(path)
+    return Victim(model, manifest.dataset, manifest.classes,
+                  float(manifest.metrics.get("test_accuracy", float("nan"))), manifest.train_config)
+
+
+def test_set_for(victim: Victim, *, data_root: str | Path | None = None) -> ImageDataset:
+    """The victim's test split, shaped as the victim's input."""
+    ds = load_dataset(victim.dataset, "test", data_root=data_root)
+    c, h, _ = victim.model.input_shape
+    if ds.image_shape != victim.model.input_shape:
+        ds = ImageDataset(ds.name, ds.split, to_shape(ds.images, c, h), ds.labels, ds.classes,
+                          ds.mean, ds.std)
+    return ds
+
+
+def steal_knockoff(
+    victim: Victim, *, surrogate: str, budget: int, labels: str, config: TrainConfig,
+    arch: str | None = None, defense: Defense | None = None, output: str = "probs",
+    data_root: str | Path | None = None, device: str | torch.device | None = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run KnockoffNets against the (optionally defended) victim; return the papers' metrics."""
+    surrogate_set = load_dataset(surrogate, "train", data_root=data_root)
+    bb = LocalBlackBox(victim.model, defense=defense, budget=budget, output=output, device=device)
+    attack = KnockoffNets(surrogate_set, labels=labels, arch=arch or victim.model.arch,
+                          config=config, seed=config.seed, device=device, progress=progress)
+    result = attack(bb, budget)
+    test = test_set_for(victim, data_root=data_root)
+    metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,
+                            victim_accuracy=victim.test_accuracy)
+    return {"attack": "knockoff", "surrogate": surrogate, "labels": labels,
+            "queries": result.queries, "blackbox_count": bb.queries_used, **metrics,
+            "clone": result.clone}

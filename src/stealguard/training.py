@@ -1,0 +1,175 @@
+"""One training loop for victims and clones.
+
+The whole dataset sits on the training device as uint8 (N, C, H, W); each step indexes a
+batch, converts to float in [0, 1] and augments it there (batched crop + flip), so there is
+no per-sample Python and no DataLoader worker. Targets are hard labels (N,) int64 or soft
+probability vectors (N, K) float. On CUDA the forward pass runs in bfloat16 autocast.
+
+The final model is what is reported: nothing here selects a checkpoint on a test set.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from stealguard.data.augment import augment_batch
+from stealguard.errors import InputError
+
+
+class TrainConfig(BaseModel):
+    """Training hyper-parameters. Unknown fields are refused (a typo is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adagrad"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["cosine", "constant"] = "cosine"
+    augment: bool = False
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    seed: int = 0
+    amp: bool = True  # bfloat16 autocast, CUDA only
+
+
+@dataclass
+class TrainLog:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' / None -> cuda if available else cpu; a CUDA request without CUDA is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against hard labels (B,) or probability targets (B, K)."""
+    if targets.dim() == 1:
+        return nn.functional.cross_entropy(logits, targets)
+    return -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def to_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 or float [0, 1] -> float32 [0, 1]."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def _check_targets(images: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
+    if images.dim() != 4 or images.shape[0] != targets.shape[0]:
+        raise InputError(
+            f"train expects images (N, C, H, W) and N targets, got {tuple(images.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    if targets.dim() == 2 and targets.shape[1] != num_classes:
+        raise InputError(f"soft targets have {targets.shape[1]} classes, model has {num_classes}")
+    if targets.dim() == 1 and targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+        raise InputError(f"labels must lie in [0, {num_classes}), got "
+                         f"[{targets.min().item()}, {targets.max().item()}]")
+
+
+def train(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, config: TrainConfig,
+    device: str | torch.device | None = "cpu", progress: bool = True, desc: str = "train",
+) -> TrainLog:
+    """Train `model` in place on images (N, C, H, W) and targets (N,) or (N, K)."""
+    cfg, dev = config, resolve_device(device)
+    num_classes = int(getattr(model, "num_classes", targets.shape[-1]))
+    _check_targets(images, targets, num_classes)
+    seed_everything(cfg.seed)
+    model.to(dev).train()
+    x_all = images.to(dev)  # whole dataset on the device, uint8 stays small
+    y_all = targets.to(dev).float() if targets.dim() == 2 else targets.to(dev).long()
+    n = int(x_all.shape[0])
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    opt = make_optimizer(model, cfg)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+             if cfg.schedule == "cosine" else None)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    use_amp = cfg.amp and dev.type == "cuda"
+    log, t0 = TrainLog(), time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        perm = torch.randperm(n, device=dev, generator=gen)
+        total, loss_sum = 0, torch.zeros((), device=dev)
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            if idx.numel() < 2 and n > 1:  # a batch of one breaks BatchNorm; skip the remainder
+                continue
+            xb = to_float_images(x_all[idx])
+            if cfg.augment:
+                xb = augment_batch(xb, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = soft_cross_entropy(model(xb).float(), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach() * idx.numel()
+            total += idx.numel()
+        epoch_loss = (loss_sum / max(total, 1)).item()
+        log.epochs.append({"epoch": epoch + 1, "loss": epoch_loss})
+        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+    log.seconds = time.perf_counter() - t0
+    log.samples_per_second = n * cfg.epochs / max(log.seconds, 1e-9)
+    model.eval()
+    return log
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, *, device: str | torch.device | None = "cpu",
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Logits (N, K) of `model` on images (N, C, H, W) (uint8 or float in [0, 1]), on CPU."""
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    outs = [model(to_float_images(xb.to(dev))).float().cpu() for xb in images.split(batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0, int(getattr(model, "num_classes", 0)))
+
+
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+    device: str | torch.device | None = "cpu", batch_size: int = 1024,
+) -> float:
+    """Top-1 accuracy in [0, 1] of the model as it is (the final model, never a checkpoint)."""
+    preds = predict(model, images, device=device, batch_size=batch_size).argmax(1)
+    return float((preds == labels.cpu()).float().mean().item())

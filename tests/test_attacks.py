@@ -1,0 +1,152 @@
+"""Every registered attack: budget exactness (contract), a tiny end-to-end steal, bad input."""
+
+import pytest
+import torch
+
+from stealguard.attacks import ATTACKS, Attack, build_attack
+from stealguard.blackbox import LocalBlackBox
+from stealguard.errors import ConfigError, InputError, UnknownNameError
+from stealguard.models import build_model
+from stealguard.training import TrainConfig, accuracy, train
+from synthetic import quadrant_dataset, quadrant_images
+
+FAST = TrainConfig(epochs=1, batch_size=32, lr=0.05)
+ADAM = TrainConfig(epochs=6, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0,
+                   schedule="constant")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """8x8 models are fastest on one thread, and OpenMP spinning on a busy machine is not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def victim():
+    x, y = quadrant_images(512, seed=1)
+    torch.manual_seed(0)
+    model = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
+    train(model, x, y, config=TrainConfig(epochs=4, batch_size=32, lr=0.05), progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return quadrant_images(256, seed=2)
+
+
+def make(name: str, *, config: TrainConfig, seed_size: int = 20, rounds: int | None = 4,
+         **options) -> Attack:
+    """The attack `name` on the right kind of attacker data (seed set or surrogate)."""
+    if ATTACKS.get(name).data_role == "seed_set":
+        return build_attack(name, seed_set=quadrant_dataset(200, seed=6, split="test"),
+                            seed_size=seed_size, jacobian={"rounds": rounds}, config=config,
+                            options=options or None)
+    return build_attack(name, surrogate=quadrant_dataset(400, seed=5), config=config,
+                        options=options or None)
+
+
+def test_registry_holds_every_attack_of_the_papers():
+    assert set(ATTACKS.names()) >= {"knockoff", "adaptive_averaging", "jbda", "jbda_tr",
+                                    "jb_self", "jb_top3"}
+    with pytest.raises(UnknownNameError, match="valid attack names: .*jbda"):
+        build_attack("jbdaa", seed_set=quadrant_dataset(10))
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+@pytest.mark.parametrize("budget", [37, 150])
+def test_budget_never_exceeded_and_count_exact(victim, name, budget):
+    bb = LocalBlackBox(victim, budget=1000)
+    bb.query(quadrant_images(5, seed=9)[0])  # the box has served others: counts are deltas
+    result = make(name, config=FAST, rounds=None)(bb, budget)
+    assert result.queries == bb.queries_used - 5 <= budget
+    assert result.transfer_x.shape[0] * result.queries_per_row == result.queries
+    assert result.transfer_y.shape == (result.transfer_x.shape[0], 4)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_budget_capped_by_what_the_black_box_has_left(victim, name):
+    bb = LocalBlackBox(victim, budget=60)  # the attack is given more than the box allows
+    options = {} if name == "adaptive_averaging" else {"nquery": 2, "nquery_mode": "each"}
+    result = make(name, config=FAST, rounds=None, **options)(bb, 500)
+    assert result.queries == bb.queries_used == 60  # every attack here can spend it all
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_tiny_steal_beats_a_random_clone(victim, test_set, name):
+    xt, yt = test_set
+    torch.manual_seed(0)
+    random_clone = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
+    chance = accuracy(random_clone, xt, yt)
+    config = TrainConfig(epochs=5, batch_size=32, lr=0.05) if name in (
+        "knockoff", "adaptive_averaging") else ADAM
+    budget = 1000 if name == "adaptive_averaging" else 300
+    result = make(name, config=config)(LocalBlackBox(victim), budget)
+    acc = accuracy(result.clone, xt, yt)
+    assert acc > 0.8 and acc > chance + 0.3, (acc, chance)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_budget_smaller_than_the_seed_set_is_refused(victim):
+    attack = make("jbda", config=FAST, seed_size=50)
+    with pytest.raises(ConfigError, match="budget 40 is smaller than the seed set: 50 seed"):
+        attack(LocalBlackBox(victim), 40)
+    attack = make("jb_top3", config=FAST, seed_size=20, nquery=3)
+    with pytest.raises(ConfigError, match="20 seed images x nquery 3 = 60"):
+        attack(LocalBlackBox(victim), 59)
+
+
+def test_zero_rounds_is_refused():
+    with pytest.raises(ConfigError, match="rounds must be >= 1"):
+        make("jbda", config=FAST, rounds=0)
+
+
+def test_seed_set_of_another_shape_is_refused(victim):
+    rgb = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    for name in ("jbda", "jbda_tr", "jb_self", "jb_top3"):
+        attack = ATTACKS.get(name)(rgb, config=FAST)
+        with pytest.raises(InputError, match=r"shape \(3, 8, 8\), the victim takes \(1, 8, 8\)"):
+            attack(LocalBlackBox(victim), 100)
+    big = quadrant_images(10, seed=0)[0].repeat_interleave(2, 2).repeat_interleave(2, 3)
+    with pytest.raises(InputError, match=r"\(1, 16, 16\)"):
+        ATTACKS.get("jbda")(big)(LocalBlackBox(victim), 100)
+    bb = LocalBlackBox(victim)
+    assert bb.queries_used == 0  # refused before a single query
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"nqury": 3}, "nqury: Extra inputs are not permitted.*valid attacker options: labels"),
+    ({"labels": "fuzzy"}, "unknown label mode 'fuzzy'; valid: soft, hard"),
+    ({"arch": "conv9"}, "unknown clone architecture 'conv9'; valid: conv3"),
+    ({"nquery": 0}, "nquery: Input should be greater than or equal to 1"),
+    ({"query_aug": "mixup"}, "query_aug: Input should be 'none', 'crop_flip' or 'affine_color'"),
+    ({"jitter": {"hue": 2}}, "jitter.hue"),
+])
+def test_unknown_or_invalid_options_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        make("knockoff", config=FAST, **bad)
+    with pytest.raises(ConfigError, match=match):
+        make("jbda", config=FAST, **bad)
+
+
+def test_bad_jacobian_settings_and_data_roles_are_refused():
+    seeds = quadrant_dataset(50)
+    with pytest.raises(ConfigError, match="lambda: Extra inputs are not permitted"):
+        build_attack("jbda", seed_set=seeds, jacobian={"lambda": 0.1})
+    with pytest.raises(ConfigError, match="unknown Jacobian preset 'papernot'; valid: edm, mad"):
+        build_attack("jbda", seed_set=seeds, preset="papernot")
+    with pytest.raises(ConfigError, match="'jbda' takes seed_set= .*not surrogate="):
+        build_attack("jbda", surrogate=seeds)
+    with pytest.raises(ConfigError, match="'knockoff' takes surrogate="):
+        build_attack("knockoff", seed_set=seeds)
+    with pytest.raises(ConfigError, match="no jacobian= or seed_size="):
+        build_attack("knockoff", surrogate=seeds, seed_size=10)
+    with pytest.raises(ConfigError, match="seed_size 80 exceeds the 50 images"):
+        build_attack("jbda", seed_set=seeds, seed_size=80)
+    with pytest.raises(ConfigError, match="sets nquery"):
+        build_attack("adaptive_averaging", surrogate=seeds, options={"nquery": 2})

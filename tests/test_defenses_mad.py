@@ -1,0 +1,268 @@
+"""MAD against a brute-force reference: K separate backward passes per sample, G built row by
+row, the MAD objective evaluated on explicit vectors G^T y for every extreme (float64)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from scipy.optimize import brentq
+from synthetic import quadrant_images
+from torch import nn
+
+from stealguard.defenses import MAD, MADArgmax
+from stealguard.defenses.jacobian import (
+    full_gram, last_layer_gram, logit_gram_functorch, logit_gram_layerwise, supports_layerwise,
+)
+from stealguard.defenses.mad import MAX_EXHAUSTIVE_K, TIE_BREAK, angular_objective, kl_alpha
+from stealguard.models import build_model
+
+K = 4
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial eval-mode BN statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
+    return model
+
+
+def surrogate(arch: str, size: int = 8, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(arch, in_channels=1, image_size=size, num_classes=K)
+    return randomise_batchnorm(model.double().eval(), seed)
+
+
+def inputs(n: int, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    images, _ = quadrant_images(n, seed=seed, size=size)
+    x = images.double() / 255
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.softmax(3 * torch.randn(n, K, generator=g, dtype=torch.float64), dim=1)
+    return x, y
+
+
+def explicit_jacobian(model: nn.Module, x1: torch.Tensor, params: list[nn.Parameter]
+                      ) -> torch.Tensor:
+    """G (K, D) of one sample: one backward pass per class."""
+    logp = torch.log_softmax(model(x1[None]), dim=1)[0]
+    rows = [torch.autograd.grad(logp[k], params, retain_graph=True) for k in range(K)]
+    return torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
+
+
+def reference_mad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                  dist: str = "l1", argmax: bool = False, last_layer: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 one query at a time. Returns (ỹ, y*) (B, K)."""
+    model = copy.deepcopy(model).requires_grad_(True)
+    params = [model.classifier.weight] if last_layer else list(model.parameters())
+    outs, stars = [], []
+    for xi, yi in zip(x, y):
+        G = explicit_jacobian(model, xi, params)  # (K, D)
+        u = G.T @ yi
+        u = u / u.norm()
+        candidates = argmax_candidates(int(yi.argmax())) if argmax else list(torch.eye(K).double())
+        scores = [((G.T @ v) / (G.T @ v).norm() - u).norm() ** 2 for v in candidates]
+        ystar = candidates[int(torch.stack(scores).argmax())]
+        alpha = reference_alpha(yi, ystar, eps, dist)
+        outs.append((1 - alpha) * yi + alpha * ystar)
+        stars.append(ystar)
+    return torch.stack(outs), torch.stack(stars)
+
+
+def argmax_candidates(c: int) -> list[torch.Tensor]:
+    """Every vertex 1_S / |S| (S ∋ c) of {y_c >= y_j}, with the tie-break mass on c."""
+    out = []
+    for bits in itertools.product((0.0, 1.0), repeat=K - 1):
+        s = torch.tensor(list(bits[:c]) + [1.0 + TIE_BREAK] + list(bits[c:]), dtype=torch.float64)
+        out.append(s / s.sum())
+    return out
+
+
+def reference_alpha(y: torch.Tensor, ystar: torch.Tensor, eps: float, dist: str) -> float:
+    if dist in ("l1", "l2"):
+        n = float((ystar - y).norm(p=1 if dist == "l1" else 2))
+        return min(1.0, eps / n) if n > 0 else 1.0
+
+    def kl_minus_eps(a: float) -> float:
+        h = (1 - a) * y + a * ystar
+        return float((y * (y / h).log()).nansum()) - eps
+
+    return 1.0 if kl_minus_eps(1.0 - 1e-15) <= 0 else brentq(kl_minus_eps, 0.0, 1.0 - 1e-15,
+                                                             xtol=1e-14)
+
+
+# ------------------------------------------------------------------ Gram matrices
+
+
+@pytest.mark.parametrize("arch, size", [("lenet", 12), ("resnet20", 8)])
+def test_full_gram_equals_explicit_jacobians(arch, size) -> None:
+    model = surrogate(arch, size)
+    x, _ = inputs(2, size)
+    m, p = full_gram(model, x, chunk_size=1)
+    grad_model = copy.deepcopy(model).requires_grad_(True)
+    params = list(grad_model.parameters())
+    for i in range(2):
+        G = explicit_jacobian(grad_model, x[i], params)
+        ref = G @ G.T
+        assert torch.allclose(m[i], ref, rtol=1e-9, atol=1e-9 * ref.abs().max())
+    with torch.no_grad():
+        assert torch.allclose(p, torch.softmax(model(x), 1))
+
+
+class OddNet(nn.Module):
+    """Strided, dilated, grouped convs, a Linear over a sequence axis, GroupNorm."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.norm = nn.GroupNorm(2, 4) if norm else nn.Identity()
+        self.seq = nn.Linear(4, 5)  # applied to (B, positions, 4)
+        self.classifier = nn.Linear(5, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))  # (B, 4, h, w)
+        h = self.seq(h.flatten(2).transpose(1, 2)).relu()  # (B, T, 5)
+        return self.classifier(h.mean(1))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_layerwise_and_functorch_grams_agree_on_odd_layers(norm) -> None:
+    torch.manual_seed(0)
+    model = OddNet(norm).double().eval()
+    assert supports_layerwise(model) is (not norm)  # GroupNorm goes through torch.func
+    x = torch.rand(3, 2, 9, 9, dtype=torch.float64)
+    ref, _ = logit_gram_functorch(model, x)
+    got, _ = logit_gram_layerwise(model, x) if not norm else full_gram(model, x)
+    if norm:  # full_gram returns the log-likelihood Gram: compare that instead
+        p = torch.softmax(model(x), 1)
+        P = torch.eye(K, dtype=torch.float64) - p[:, None, :].expand(-1, K, -1)  # rows e_k - p
+        ref = P @ ref @ P.transpose(1, 2)
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_last_layer_closed_form_equals_explicit_gradients() -> None:
+    model = surrogate("conv3")
+    x, _ = inputs(4)
+    with torch.no_grad():
+        m, _ = last_layer_gram(model, x)
+    grad_model = copy.deepcopy(model).requires_grad_(True)
+    for i in range(4):
+        G = explicit_jacobian(grad_model, x[i], [grad_model.classifier.weight])
+        assert torch.allclose(m[i], G @ G.T, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ MAD == reference
+
+
+@pytest.mark.parametrize("arch, size, n, dist, eps", [
+    ("conv3", 8, 8, "l1", 0.6), ("lenet", 12, 12, "l2", 0.4), ("lenet", 12, 12, "kl", 0.3),
+])
+def test_mad_full_equals_brute_force_reference(arch, size, n, dist, eps) -> None:
+    model = surrogate(arch, size)
+    x, y = inputs(n, size)
+    ref, ref_star = reference_mad(model, x, y, eps=eps, dist=dist)
+    got = MAD(epsilon=eps, dist=dist, jacobian="full", surrogate=model, chunk_size=5)(x, y)
+    assert (got - ref).abs().max() < 1e-5
+    assert len(set(ref_star.argmax(1).tolist())) > 1  # the extremes chosen differ: not trivial
+    moved = (got - y).abs().sum(1)
+    assert (moved > 1e-3).all()
+
+
+def test_mad_last_layer_and_argmax_equal_their_references() -> None:
+    model = surrogate("lenet", 12)
+    x, y = inputs(12, 12, seed=5)
+    ref, _ = reference_mad(model, x, y, eps=0.5, last_layer=True)
+    got = MAD(epsilon=0.5, jacobian="last_layer", surrogate=model)(x, y)
+    assert (got - ref).abs().max() < 1e-5
+    ref_am, stars = reference_mad(model, x, y, eps=1.5, argmax=True)
+    got_am = MADArgmax(epsilon=1.5, surrogate=model)(x, y)
+    assert (got_am - ref_am).abs().max() < 1e-5
+    assert ((stars > 0).sum(1) > 1).any()  # some chosen vertices spread mass over several classes
+    assert torch.equal(got_am.argmax(1), y.argmax(1))
+
+
+def test_full_and_last_layer_make_different_choices() -> None:
+    model = surrogate("conv3")
+    x, y = inputs(40, seed=7)
+    full = MAD(epsilon=2.0, surrogate=model)(x, y)  # epsilon 2: ỹ = y*
+    last = MAD(epsilon=2.0, jacobian="last_layer", surrogate=model)(x, y)
+    assert (full.argmax(1) != last.argmax(1)).any()
+
+
+# ------------------------------------------------------------------ properties
+
+
+def test_identity_ablation_picks_the_least_likely_class() -> None:
+    x, y = inputs(30)
+    out = MAD(epsilon=2.0, jacobian="identity")(x, y)
+    assert torch.equal(out.argmax(1), y.argmin(1))
+
+
+def test_random_extreme_is_keyed_uniform_and_repeatable() -> None:
+    images, _ = quadrant_images(400, seed=9)
+    x = images.double() / 255
+    y = torch.full((400, K), 1 / K, dtype=torch.float64)
+    mad = MAD(epsilon=2.0, ystar="random", key=b"a" * 32)
+    picks = mad(x, y).argmax(1)
+    counts = torch.bincount(picks, minlength=K)
+    assert (counts > 60).all(), counts  # about 100 each
+    assert torch.equal(mad(x, y).argmax(1), picks)
+    assert not torch.equal(MAD(epsilon=2.0, ystar="random", key=b"b" * 32)(x, y).argmax(1), picks)
+
+
+def test_mad_argmax_never_changes_the_top_class() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.softmax(4 * torch.randn(300, K, generator=g), dim=1)
+    y[:50] = torch.softmax(torch.randint(0, 2, (50, K), generator=g).float() * 5, 1)  # ties
+    x = torch.rand(300, 1, 12, 12, generator=g)
+    torch.manual_seed(0)
+    sur = build_model("lenet", in_channels=1, image_size=12, num_classes=K)
+    for eps in (0.1, 1.0, 2.0):
+        for jac in ("full", "last_layer", "identity"):
+            out = MADArgmax(epsilon=eps, jacobian=jac, surrogate=sur)(x, y)
+            assert torch.equal(out.argmax(1), y.argmax(1)), (eps, jac)
+            assert ((out - y).abs().sum(1) <= eps + 1e-5).all()
+
+
+def test_greedy_argmax_search_for_many_classes() -> None:
+    k = MAX_EXHAUSTIVE_K + 2
+    g = torch.Generator().manual_seed(0)
+    y = torch.softmax(3 * torch.randn(64, k, generator=g, dtype=torch.float64), dim=1)
+    mad = MADArgmax(epsilon=2.0, jacobian="identity")
+    out = mad(torch.rand(64, 1, 8, 8, dtype=torch.float64), y)  # epsilon 2: ỹ = y*
+    assert torch.equal(out.argmax(1), y.argmax(1))
+    m = torch.eye(k, dtype=torch.float64).expand(64, k, k)
+    onehot = torch.eye(k, dtype=torch.float64)[y.argmax(1)]
+    # the greedy vertex is at least as good as the one-hot top class, and is a vertex
+    assert (angular_objective(m, out[:, None], y) >= angular_objective(m, onehot[:, None], y)
+            - 1e-12).all()
+    support = (out > 1e-3).sum(1).double()
+    assert torch.allclose(out.max(1).values * support, torch.ones(64, dtype=torch.float64),
+                          atol=1e-4)
+
+
+def test_kl_step_spends_the_budget_exactly() -> None:
+    x, y = inputs(20)
+    ystar = torch.eye(K, dtype=torch.float64)[y.argmin(1)]
+    alpha = kl_alpha(y, ystar, 0.05)
+    h = (1 - alpha[:, None]) * y + alpha[:, None] * ystar
+    kl = (y * (y / h).log()).sum(1)
+    assert torch.allclose(kl, torch.full_like(kl, 0.05), atol=1e-10)
+    assert (alpha < 1).all()
+
+
+def test_zero_budget_and_surrogate_built_lazily() -> None:
+    x, y = inputs(6)
+    assert torch.equal(MAD(epsilon=0.0, surrogate_arch="conv3")(x, y), y)
+    mad = MAD(epsilon=0.5, surrogate_arch="conv3")
+    out = mad(x.float(), y.float())
+    assert mad.surrogate is not None and mad.surrogate.input_shape == (1, 8, 8)
+    assert ((out - y.float()).abs().sum(1) <= 0.5 + 1e-5).all()

@@ -1,0 +1,93 @@
+"""Contract tests for every registered model architecture (timm style: one walk over names)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from stealguard.errors import ConfigError, UnknownNameError
+from stealguard.models import MODELS, build_model
+
+PAPER_ARCHS = {"conv3", "lenet", "wrn16_4", "wrn22_4", "resnet20", "resnet32", "resnet18",
+               "resnet34", "vgg16_bn"}
+INPUTS = [(1, 28), (3, 32)]  # (in_channels, image_size): MNIST family, CIFAR
+NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_paper_architectures_are_registered() -> None:
+    assert PAPER_ARCHS <= set(MODELS.names())
+
+
+@pytest.mark.parametrize("in_channels,image_size", INPUTS)
+@pytest.mark.parametrize("arch", MODELS.names())
+def test_model_contract(arch: str, in_channels: int, image_size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, in_channels=in_channels, image_size=image_size,
+                        num_classes=NUM_CLASSES)
+    x = torch.rand(2, in_channels, image_size, image_size)  # pixels in [0, 1]
+    assert isinstance(model.classifier, nn.Linear)
+    assert model.classifier.out_features == NUM_CLASSES
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_features(x)
+        via_head = model.classifier(feats)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert feats.shape == (2, model.classifier.in_features)
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
+    torch.testing.assert_close(via_head, logits, rtol=1e-5, atol=1e-5)
+
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.classifier.weight.grad is not None
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_unknown_arch_lists_valid_names() -> None:
+    with pytest.raises(UnknownNameError, match="unknown model 'resnet9000'") as info:
+        build_model("resnet9000", in_channels=3, image_size=32, num_classes=10)
+    for name in MODELS.names():
+        assert name in str(info.value)
+
+
+# Reference sizes for 3x32x32 inputs and 10 classes, from the architectures' papers
+# (He et al. 2016 Table 6; Zagoruyko & Komodakis 2016 Table 4) or the usual CIFAR variants.
+@pytest.mark.parametrize("arch,expected", [
+    ("wrn16_4", 2.7e6), ("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet18", 11.2e6),
+    ("lenet", 0.083e6),
+])
+def test_parameter_counts(arch: str, expected: float) -> None:
+    model = build_model(arch, in_channels=3, image_size=32, num_classes=10)
+    assert 0.85 * expected <= n_params(model) <= 1.15 * expected
+
+
+def test_max_pools_are_skipped_when_the_image_is_too_small() -> None:
+    # VGG-16 has five pools; 28 -> 14 -> 7 -> 3 -> 1 leaves no room for the fifth.
+    model = build_model("vgg16_bn", in_channels=1, image_size=28, num_classes=10).eval()
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 4
+
+
+@pytest.mark.parametrize("arch", ["conv3", "lenet"])
+def test_too_small_images_are_rejected(arch: str) -> None:
+    with pytest.raises(ConfigError, match="image_size must be >="):
+        build_model(arch, in_channels=1, image_size=4, num_classes=10)
