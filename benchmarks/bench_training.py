@@ -4,13 +4,15 @@ default collate), same model, same optimizer, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_training.py [--arch conv3] [--images 8192] [--device cpu]
 
-Prints images/second for each and the ratio (ours / per-sample loop).
+Prints images/second for each (median of --rounds alternating runs) and the ratio
+(ours / per-sample loop).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -75,6 +77,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternate the two loops this many times and report medians")
     args = p.parse_args()
     device = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -86,16 +90,20 @@ def main() -> None:
     print(f"arch {args.arch}, {args.images} images {args.channels}x{args.size}x{args.size}, "
           f"{args.epochs} epochs, batch {args.batch_size}")
     for augment in (False, True):
-        rates = {}
-        for name, fn in (("per-sample DataLoader loop", per_sample_loop), ("stealguard train", ours)):
-            torch.manual_seed(0)
-            model = build_model(args.arch, in_channels=args.channels, image_size=args.size,
-                                num_classes=10)
-            fn(model, images[:512], labels[:512], epochs=1, batch_size=args.batch_size,
-               augment=augment, device=device)  # warm-up
-            rates[name] = fn(model, images, labels, epochs=args.epochs,
-                             batch_size=args.batch_size, augment=augment, device=device)
-        base, mine = rates["per-sample DataLoader loop"], rates["stealguard train"]
+        rates: dict[str, list[float]] = {}
+        for _ in range(args.rounds):  # alternate, so a busy neighbour slows both alike
+            for name, fn in (("per-sample DataLoader loop", per_sample_loop),
+                             ("stealguard train", ours)):
+                torch.manual_seed(0)
+                model = build_model(args.arch, in_channels=args.channels, image_size=args.size,
+                                    num_classes=10)
+                fn(model, images[:256], labels[:256], epochs=1, batch_size=args.batch_size,
+                   augment=augment, device=device)  # warm-up
+                rates.setdefault(name, []).append(fn(
+                    model, images, labels, epochs=args.epochs, batch_size=args.batch_size,
+                    augment=augment, device=device))
+        base = statistics.median(rates["per-sample DataLoader loop"])
+        mine = statistics.median(rates["stealguard train"])
         print(f"augment={augment!s:5}  per-sample loop {base:8.0f} img/s   "
               f"stealguard {mine:8.0f} img/s   ratio {mine / base:.2f}x")
 

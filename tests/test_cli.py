@@ -18,9 +18,12 @@ def run(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=True)
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["attack"], ["attack", "knockoff"],
-                                 ["demo"], ["models"], ["data"], ["data", "list"],
-                                 ["data", "download"]])
+from stealguard.attacks import ATTACKS  # noqa: E402
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["attack"], ["demo"], ["models"],
+                                 ["defenses"], ["data"], ["data", "list"], ["data", "download"],
+                                 *(["attack", name] for name in ATTACKS.names())])
 def test_every_command_has_help(cmd):
     r = run(*cmd, "--help")
     assert r.exit_code == 0, r.output
@@ -62,6 +65,21 @@ def test_train_evaluate_attack_end_to_end(mnist_victim, tmp_path):
     assert json.loads(r.output)["test_accuracy"] == pytest.approx(figures["clone_accuracy"])
 
 
+def test_defended_evaluate_and_attack(mnist_victim):
+    out, trained = mnist_victim
+    r = run("evaluate", str(out), "--defense", "topk", "--defense-param", "k=1", "--json",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output)
+    assert figures["defense"] == "topk"
+    r = run("attack", "jbda", "--victim", str(out), "--seed-set", "mnist", "--seed-size", "20",
+            "--budget", "80", "--epochs", "1", "--option", "query_batch=16",
+            "--defense", "rounding", "--defense-param", "decimals=1", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output.strip().splitlines()[-1])
+    assert figures["queries"] == figures["blackbox_count"] <= 80
+
+
 def test_table_output(mnist_victim):
     out, _ = mnist_victim
     r = run("evaluate", str(out), "--device", "cpu")
@@ -86,3 +104,6 @@ def test_errors_are_one_clear_line(tmp_path):
     r = cli("train", "--dataset", "mnist", "--optimizer", "rmsprop", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "optimizer" in r.stderr
     assert "Traceback" not in r.stderr
+    r = cli("attack", "knockoff", "--victim", str(tmp_path / "missing"), "--surrogate", "mnist",
+            "--defense", "madness")
+    assert r.returncode == 2 and "is missing" in r.stderr

@@ -35,6 +35,8 @@ DataRoot = typer.Option(None, "--data-root", envvar="STEALGUARD_DATA",
 Device = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto.")
 Json = typer.Option(False, "--json", help="Print the figures as one JSON object.")
 Seed = typer.Option(0, "--seed", help="Random seed.")
+DefenseOpt = typer.Option(None, "--defense", help="Output defense (see `stealguard defenses`).")
+DefenseParam = typer.Option([], "--defense-param", help="Defense parameter key=value (repeat).")
 
 
 def _emit(figures: dict[str, Any], as_json: bool, title: str) -> None:
@@ -90,9 +92,11 @@ def train(
 def evaluate(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     dataset: Optional[str] = typer.Option(None, help="Test set (default: the artifact's)."),
+    defense: Optional[str] = DefenseOpt, defense_param: list[str] = DefenseParam,
     device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
 ) -> None:
-    """Report an artifact's accuracy on a test split (the final model, as saved)."""
+    """Report an artifact's accuracy on a test split (the final model, as saved); with
+    --defense, the defender's accuracy with it on and the size of its perturbations."""
     from stealguard.data import load_dataset
     from stealguard.pipeline import load_victim, test_set_for
     from stealguard.training import accuracy
@@ -100,43 +104,105 @@ def evaluate(
     victim = load_victim(artifact)
     test = (test_set_for(victim, data_root=data_root) if dataset is None
             else load_dataset(dataset, "test", data_root=data_root))
-    acc = accuracy(victim.model, test.images, test.labels, device=device)
-    _emit({"artifact": str(artifact), "arch": victim.model.arch, "dataset": test.name,
-           "test_images": len(test), "test_accuracy": acc}, as_json, "evaluation")
+    figures: dict[str, Any] = {"artifact": str(artifact), "arch": victim.model.arch,
+                               "dataset": test.name, "test_images": len(test)}
+    d = _defense(victim.model, defense, defense_param)
+    if d is None:
+        figures["test_accuracy"] = accuracy(victim.model, test.images, test.labels, device=device)
+    else:
+        from stealguard.defenses.metrics import defense_metrics
+        from stealguard.training import resolve_device
+
+        figures["defense"] = defense
+        figures.update(defense_metrics(victim.model, d, test.images, test.labels,
+                                       device=resolve_device(device)))
+    _emit(figures, as_json, "evaluation")
 
 
-@attack_app.command("knockoff")
-def attack_knockoff(
-    victim_path: Path = typer.Option(..., "--victim", help="Victim artifact directory."),
-    surrogate: str = typer.Option(..., "--surrogate", help="Attacker's query dataset."),
-    budget: int = typer.Option(50_000, help="Query budget."),
-    labels: str = typer.Option("soft", help="soft (probabilities) or hard (argmax)."),
-    output: str = typer.Option("probs", help="What the black box returns: probs, topk, label."),
-    arch: Optional[str] = typer.Option(None, help="Clone architecture (default: the victim's)."),
-    epochs: int = typer.Option(50, help="Clone training epochs."),
-    batch_size: int = typer.Option(128, help="Clone batch size."),
-    optimizer: str = typer.Option("sgd", help="sgd, adam or adagrad."),
-    lr: float = typer.Option(0.1, help="Clone learning rate."),
-    save_clone: Optional[Path] = typer.Option(None, help="Save the clone as an artifact here."),
-    seed: int = Seed, device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
-) -> None:
-    """KnockoffNets (random strategy): query with a surrogate set, train a clone."""
-    from stealguard.artifacts import save_classifier
-    from stealguard.pipeline import load_victim, steal_knockoff
+def _defense(victim_model: Any, name: Optional[str], params: list[str]) -> Any:
+    """--defense NAME --defense-param k=v ... -> a Defense bound to the victim, or None."""
+    if name is None:
+        if params:
+            raise StealguardError("--defense-param given without --defense")
+        return None
+    from stealguard.defenses import build_defense, parse_defense_params
 
-    cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed)
-    victim = load_victim(victim_path)
-    r = steal_knockoff(victim, surrogate=surrogate, budget=budget, labels=labels, config=cfg,
-                       arch=arch, output=output, data_root=data_root, device=device,
-                       progress=not as_json)
-    clone = r.pop("clone")
-    if save_clone is not None:
-        save_classifier(save_clone, clone, dataset=victim.dataset, classes=victim.classes,
-                        train_config=cfg.model_dump(),
-                        metrics={"test_accuracy": r["clone_accuracy"]},
-                        extra={"stolen_from": str(victim_path)})
-        r["clone_artifact"] = str(save_clone)
-    _emit(r, as_json, "KnockoffNets")
+    return build_defense(name, parse_defense_params(params), victim=victim_model)
+
+
+def _parse_options(items: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StealguardError(f"--option expects key=value, got {item!r}")
+        opts[key.strip()] = value.strip()
+    return opts
+
+
+
+
+def _attack_command(name: str) -> None:
+    """Register `stealguard attack <name>`: one command per registered attack."""
+
+    def command(
+        victim_path: Path = typer.Option(..., "--victim", help="Victim artifact directory."),
+        data: str = typer.Option(..., "--surrogate", "--seed-set", "--data",
+                                 help="Attacker's images: surrogate set or in-distribution seeds."),
+        data_split: str = typer.Option("train", help="Split of --data to draw from."),
+        budget: int = typer.Option(50_000, help="Query budget."),
+        labels: str = typer.Option("soft", help="soft (probabilities) or hard (argmax only)."),
+        arch: Optional[str] = typer.Option(None, help="Clone architecture (default: victim's)."),
+        option: list[str] = typer.Option([], "--option", help="Attacker option key=value "
+                                         "(nquery, nquery_mode, query_aug, ...; repeat)."),
+        preset: str = typer.Option("edm", help="Jacobian family preset: edm or mad."),
+        seed_size: Optional[int] = typer.Option(None, help="Jacobian family seed-set size."),
+        output: str = typer.Option("probs", help="What the black box returns: probs, topk, label."),
+        defense: Optional[str] = DefenseOpt, defense_param: list[str] = DefenseParam,
+        epochs: Optional[int] = typer.Option(None, help="Clone epochs (default: the attack's)."),
+        batch_size: int = typer.Option(128, help="Clone batch size."),
+        optimizer: Optional[str] = typer.Option(None, help="sgd, adam or adagrad."),
+        lr: Optional[float] = typer.Option(None, help="Clone learning rate."),
+        save_clone: Optional[Path] = typer.Option(None, help="Save the clone as an artifact."),
+        seed: int = Seed, device: str = Device, data_root: Optional[str] = DataRoot,
+        as_json: bool = Json,
+    ) -> None:
+        from stealguard.artifacts import save_classifier
+        from stealguard.pipeline import load_victim, steal
+
+        victim = load_victim(victim_path)
+        given = {"epochs": epochs, "optimizer": optimizer, "lr": lr}
+        cfg = (None if all(v is None for v in given.values()) else
+               _config(batch_size=batch_size, seed=seed, **given))
+        opts = {"labels": labels, "seed": seed, **_parse_options(option),
+                **({"arch": arch} if arch else {})}
+        r = steal(victim, attack=name, data=data, data_split=data_split, budget=budget,
+                  options=opts, config=cfg, preset=preset, seed_size=seed_size,
+                  defense=_defense(victim.model, defense, defense_param), output=output,
+                  data_root=data_root, device=device, progress=not as_json)
+        clone = r.pop("clone")
+        if save_clone is not None:
+            save_classifier(save_clone, clone, dataset=victim.dataset, classes=victim.classes,
+                            train_config=cfg.model_dump() if cfg else {},
+                            metrics={"test_accuracy": r["clone_accuracy"]},
+                            extra={"stolen_from": str(victim_path), "attack": name})
+            r["clone_artifact"] = str(save_clone)
+        _emit(r, as_json, name)
+
+    from stealguard.attacks import ATTACKS
+
+    doc = (ATTACKS.get(name).__doc__ or name).strip().splitlines()[0]
+    attack_app.command(name, help=doc)(command)
+
+
+def _register_attack_commands() -> None:
+    from stealguard.attacks import ATTACKS
+
+    for name in ATTACKS.names():
+        _attack_command(name)
+
+
+_register_attack_commands()
 
 
 @app.command()
@@ -164,6 +230,19 @@ def demo(
                       str(r["queries"]), f"{100 * r['accuracy']:.2f} %",
                       f"{r['normalized_accuracy']:.2f}x", f"{100 * r['agreement']:.2f} %")
     out.print(table)
+
+
+@app.command()
+def defenses(as_json: bool = Json) -> None:
+    """List the registered output defenses and their parameters."""
+    from stealguard.defenses import describe_defenses
+
+    described = describe_defenses()
+    if as_json:
+        print(json.dumps({"defenses": described}))
+        return
+    for name, params in described.items():
+        print(name + "".join(f"\n    {k}: {v}" for k, v in params.items()))
 
 
 @app.command()

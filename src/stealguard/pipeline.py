@@ -6,6 +6,7 @@ printed by `stealguard demo` and one stored by a sweep are computed the same way
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from stealguard.artifacts import load_classifier, save_classifier
-from stealguard.attacks import KnockoffNets
+from stealguard.attacks import ATTACKS, build_attack
 from stealguard.blackbox import LocalBlackBox
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
@@ -76,21 +77,43 @@ def test_set_for(victim: Victim, *, data_root: str | Path | None = None) -> Imag
     return ds
 
 
+def steal(
+    victim: Victim, *, attack: str = "knockoff", data: str, budget: int,
+    data_split: str = "train", options: Mapping[str, Any] | None = None,
+    config: TrainConfig | None = None, preset: str = "edm", seed_size: int | None = None,
+    defense: Defense | None = None, output: str = "probs", data_root: str | Path | None = None,
+    device: str | torch.device | None = "cpu", progress: bool = True,
+) -> dict[str, Any]:
+    """Run a registered attack against the (optionally defended) victim through a black box;
+    return the papers' metrics, the query counts and the clone (key "clone").
+
+    data: the attacker's images: the surrogate set (knockoff, adaptive_averaging) or the
+    in-distribution seed set (the Jacobian family), read from `data_split`.
+    options: AttackerOptions fields; the clone's architecture defaults to the victim's.
+    """
+    images = load_dataset(data, data_split, data_root=data_root)
+    opts = {"arch": victim.model.arch, **dict(options or {})}
+    role = getattr(ATTACKS.get(attack), "data_role", "surrogate")
+    atk = build_attack(attack, **{role: images}, options=opts, config=config, preset=preset,
+                       seed_size=seed_size, device=device, progress=progress)
+    bb = LocalBlackBox(victim.model, defense=defense, budget=budget, output=output, device=device)
+    result = atk(bb, budget)
+    test = test_set_for(victim, data_root=data_root)
+    metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,
+                            victim_accuracy=victim.test_accuracy)
+    return {"attack": attack, "data": f"{data}/{data_split}", "labels": opts.get("labels", "soft"),
+            "queries": result.queries, "blackbox_count": bb.queries_used, **metrics,
+            "clone": result.clone}
+
+
 def steal_knockoff(
     victim: Victim, *, surrogate: str, budget: int, labels: str, config: TrainConfig,
     arch: str | None = None, defense: Defense | None = None, output: str = "probs",
     data_root: str | Path | None = None, device: str | torch.device | None = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run KnockoffNets against the (optionally defended) victim; return the papers' metrics."""
-    surrogate_set = load_dataset(surrogate, "train", data_root=data_root)
-    bb = LocalBlackBox(victim.model, defense=defense, budget=budget, output=output, device=device)
-    attack = KnockoffNets(surrogate_set, labels=labels, arch=arch or victim.model.arch,
-                          config=config, seed=config.seed, device=device, progress=progress)
-    result = attack(bb, budget)
-    test = test_set_for(victim, data_root=data_root)
-    metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,
-                            victim_accuracy=victim.test_accuracy)
-    return {"attack": "knockoff", "surrogate": surrogate, "labels": labels,
-            "queries": result.queries, "blackbox_count": bb.queries_used, **metrics,
-            "clone": result.clone}
+    """KnockoffNets (random strategy) against the victim: `steal` with the demo's arguments."""
+    options = {"labels": labels, "seed": config.seed, **({"arch": arch} if arch else {})}
+    return steal(victim, attack="knockoff", data=surrogate, budget=budget, options=options,
+                 config=config, defense=defense, output=output, data_root=data_root,
+                 device=device, progress=progress)
