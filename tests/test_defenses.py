@@ -6,15 +6,22 @@ import math
 
 import pytest
 import torch
-from synthetic import quadrant_images
 
 from stealguard.blackbox import LocalBlackBox
 from stealguard.defenses import (
-    DEFENSES, DISTANCES, Compose, NoDefense, build_defense, parse_defense_params,
+    DEFENSES,
+    DISTANCES,
+    MAD,
+    Compose,
+    NoDefense,
+    TopK,
+    build_defense,
+    parse_defense_params,
 )
 from stealguard.defenses.random_noise import RandomNoise, project_l1_ball
 from stealguard.errors import ConfigError, InputError, UnknownNameError
 from stealguard.models import build_model
+from synthetic import quadrant_images
 
 K = 4
 
@@ -42,7 +49,7 @@ KEY = b"k" * 32
 
 @pytest.fixture(scope="module")
 def victim() -> torch.nn.Module:
-    torch.manual_seed(0)
+    torch.manual_seed(7)
     return build_model("conv3", in_channels=1, image_size=8, num_classes=K).eval()
 
 
@@ -164,8 +171,10 @@ def test_parse_and_build_from_cli_strings(victim) -> None:
     params = parse_defense_params(["epsilon=0.5", "dist = l2", "jacobian=last_layer"])
     assert params == {"epsilon": "0.5", "dist": "l2", "jacobian": "last_layer"}
     mad = build_defense("mad", params, victim=victim)
+    assert isinstance(mad, MAD)
     assert (mad.epsilon, mad.dist, mad.jacobian) == (0.5, "l2", "last_layer")
-    assert build_defense("topk", parse_defense_params(["k=3"])).k == 3
+    topk = build_defense("topk", parse_defense_params(["k=3"]))
+    assert isinstance(topk, TopK) and topk.k == 3
     with pytest.raises(ConfigError, match="name=value"):
         parse_defense_params(["epsilon"])
     with pytest.raises(ConfigError, match="given twice"):
@@ -206,6 +215,21 @@ def test_unknown_defense_and_missing_pieces() -> None:
     x, y = torch.rand(2, 1, 8, 8), torch.full((2, K), 0.25)
     with pytest.raises(ConfigError, match="needs a surrogate"):
         build_defense("mad", {"epsilon": 1.0})(x, y)
+
+
+def test_mad_surrogate_is_a_fresh_frozen_random_model(victim) -> None:
+    torch.manual_seed(0)  # even a victim initialised from seed 0 is not its own surrogate
+    fresh = build_model("conv3", in_channels=1, image_size=8, num_classes=K)
+    mad = build_defense("mad", {"epsilon": 1.0}, victim=fresh)
+    assert isinstance(mad, MAD) and mad.surrogate is not None
+    sur = mad.surrogate
+    assert sur is not fresh and sur.arch == "conv3" and not sur.training
+    assert not any(p.requires_grad for p in sur.parameters())
+    assert not torch.equal(sur.state_dict()["net.classifier.weight"],
+                           fresh.state_dict()["net.classifier.weight"])
+    again = build_defense("mad", {"epsilon": 1.0, "surrogate_arch": "resnet20"}, victim=victim)
+    assert isinstance(again, MAD) and again.surrogate is not None
+    assert again.surrogate.arch == "resnet20" and again.surrogate.input_shape == (1, 8, 8)
 
 
 def test_defended_black_box_and_compose(victim, batch) -> None:

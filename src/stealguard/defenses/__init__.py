@@ -7,13 +7,27 @@ random_noise, mad, mad_argmax, adaptive_misinformation. Build one from CLI-style
 """
 
 from stealguard.defenses import (  # noqa: F401  (importing registers the defenses)
-    adaptive_misinformation, mad, random_noise, reverse_sigmoid, rounding, topk,
+    adaptive_misinformation,
+    mad,
+    random_noise,
+    reverse_sigmoid,
+    rounding,
+    topk,
 )
 from stealguard.defenses.adaptive_misinformation import (
-    AdaptiveMisinformation, train_misinformation, train_outlier_exposure,
+    AdaptiveMisinformation,
+    train_misinformation,
+    train_outlier_exposure,
 )
 from stealguard.defenses.base import (
-    DEFENSES, Budget, CheckedDefense, Compose, Defense, DefenseParams, NoDefense, check_probs,
+    DEFENSES,
+    Budget,
+    CheckedDefense,
+    Compose,
+    Defense,
+    DefenseParams,
+    NoDefense,
+    check_probs,
 )
 from stealguard.defenses.builder import build_defense, describe_defenses, parse_defense_params
 from stealguard.defenses.distances import DISTANCES

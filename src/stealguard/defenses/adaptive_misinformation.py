@@ -32,7 +32,12 @@ from stealguard.data.augment import augment_batch
 from stealguard.defenses.base import DEFENSES, CheckedDefense, Defense, DefenseParams
 from stealguard.errors import ConfigError
 from stealguard.training import (
-    TrainConfig, TrainLog, make_optimizer, resolve_device, seed_everything, to_float_images,
+    TrainConfig,
+    TrainLog,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    to_float_images,
 )
 
 

@@ -30,7 +30,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from stealguard.data.augment import augment_batch
 from stealguard.errors import ConfigError
 from stealguard.training import (
-    TrainConfig, TrainLog, make_optimizer, resolve_device, seed_everything, to_float_images,
+    TrainConfig,
+    TrainLog,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    to_float_images,
 )
 
 
@@ -64,6 +69,27 @@ def _private_copy(model: nn.Module) -> tuple[nn.Module, bool]:
     return fixed, replaced
 
 
+def _epoch(dp_model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader,
+           sched: torch.optim.lr_scheduler.LRScheduler | None, cfg: TrainConfig,
+           dev: torch.device) -> float:
+    """One pass over the Poisson-sampled lots; returns the mean training loss."""
+    total, count = 0.0, 0
+    for xb, yb in loader:
+        xb, yb = to_float_images(xb.to(dev)), yb.to(dev)
+        if cfg.augment and len(xb):
+            xb = augment_batch(xb, crop_padding=cfg.crop_padding, flip=cfg.flip)
+        logits = dp_model(xb)
+        # an empty Poisson lot still takes its (pure-noise) step, as the accountant assumes
+        loss = nn.functional.cross_entropy(logits, yb) if len(xb) else logits.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total, count = total + loss.item() * len(yb), count + len(yb)
+    return total / max(count, 1)
+
+
 def train_dp(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, config: TrainConfig,
     noise_multiplier: float, max_grad_norm: float, delta: float = 1e-5,
@@ -72,7 +98,8 @@ def train_dp(
     """Train a private copy of `model` on images (N, C, H, W), labels (N,) with DP-SGD.
 
     Returns the trained model (a copy; BatchNorm replaced by GroupNorm) and its log, with
-    the privacy spent `epsilon` at `delta`. `config.batch_size` is the expected lot size.
+    the privacy spent `epsilon` at `delta`. `config.batch_size` is the expected lot size;
+    the optimizer and the cosine / constant schedule are `config`'s, as in `train`.
     """
     from opacus import PrivacyEngine
 
@@ -81,34 +108,23 @@ def train_dp(
     seed_everything(cfg.seed)
     private, replaced = _private_copy(model)
     private.to(dev).train()
-    gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(TensorDataset(images, labels.long()), batch_size=cfg.batch_size,
-                        shuffle=True, generator=gen)
+                        shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the "secure_mode is off" notice
+        warnings.simplefilter("ignore")  # "secure_mode is off", and Opacus's hook notices
         engine = PrivacyEngine()
         dp_model, opt, loader = engine.make_private(
             module=private, optimizer=make_optimizer(private, cfg), data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             noise_generator=torch.Generator(device=dev).manual_seed(cfg.seed + 1))
-    log, t0 = DPTrainLog(delta=delta, replaced_modules=replaced), time.perf_counter()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
-    for epoch in range(cfg.epochs):
-        total, count = 0.0, 0
-        for xb, yb in loader:
-            xb, yb = to_float_images(xb.to(dev)), yb.to(dev)
-            if cfg.augment and len(xb):
-                xb = augment_batch(xb, crop_padding=cfg.crop_padding, flip=cfg.flip)
-            logits = dp_model(xb)
-            # an empty Poisson lot still takes its (pure-noise) step, as the accountant assumes
-            loss = nn.functional.cross_entropy(logits, yb) if len(xb) else logits.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(yb), count + len(yb)
-        log.epochs.append({"epoch": epoch + 1, "loss": total / max(count, 1)})
-    log.seconds = time.perf_counter() - t0
-    log.samples_per_second = len(labels) * cfg.epochs / max(log.seconds, 1e-9)
-    log.epsilon = float(engine.get_epsilon(delta))
-    trained = dp_model.to_standard_module().eval()
-    return trained, log
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
+                 if cfg.schedule == "cosine" else None)
+        log, t0 = DPTrainLog(delta=delta, replaced_modules=replaced), time.perf_counter()
+        for epoch in range(cfg.epochs):
+            loss = _epoch(dp_model, opt, loader, sched, cfg, dev)
+            log.epochs.append({"epoch": epoch + 1, "loss": loss})
+        log.seconds = time.perf_counter() - t0
+        log.samples_per_second = len(labels) * cfg.epochs / max(log.seconds, 1e-9)
+        if noise_multiplier > 0:  # no noise: no privacy (and the accountant would overflow)
+            log.epsilon = float(engine.get_epsilon(delta))
+    return dp_model.to_standard_module().eval(), log

@@ -43,8 +43,8 @@ def last_layer_gram(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
 
     `model` must have `forward_features(x) -> (B, D)` and `classifier: nn.Linear`.
     """
-    h = model.forward_features(x)  # (B, D)
-    p = torch.softmax(model.classifier(h), dim=1)  # (B, K)
+    h = model.forward_features(x)  # type: ignore[operator]  # (B, D)
+    p = torch.softmax(model.classifier(h), dim=1)  # type: ignore[operator]  # (B, K)
     k = p.shape[1]
     eye = torch.eye(k, dtype=p.dtype, device=p.device)  # (K, K)
     pp = (p * p).sum(1)[:, None, None]  # (B, 1, 1) ||p||^2
@@ -107,12 +107,13 @@ def _unfold(a: torch.Tensor, m: nn.Conv2d, out_hw: tuple[int, int]) -> torch.Ten
 def _conv_gram(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """a: (b, C_in, H, W) input, g: (K, b, C_out, H', W') -> (b, K, K) for weight and bias."""
     k, b = g.shape[:2]
-    cols = _unfold(a, m, g.shape[-2:])  # (b, C_in*kh*kw, T)
+    cols = _unfold(a, m, (g.shape[-2], g.shape[-1]))  # (b, C_in*kh*kw, T)
     gt = g.reshape(k, b, m.out_channels, -1)  # (K, b, C_out, T)
     groups = m.groups
     cin, cout = cols.shape[1] // groups, m.out_channels // groups
-    out = sum(_outer_gram(gt[:, :, j * cout:(j + 1) * cout], cols[:, j * cin:(j + 1) * cin])
-              for j in range(groups))
+    out = _outer_gram(gt[:, :, :cout], cols[:, :cin])
+    for j in range(1, groups):  # grouped conv: each group's weights see their own channels
+        out = out + _outer_gram(gt[:, :, j * cout:(j + 1) * cout], cols[:, j * cin:(j + 1) * cin])
     if m.bias is not None:
         out = out + _vec_gram(gt.sum(3))
     return out

@@ -36,7 +36,12 @@ from pydantic import Field
 from torch import nn
 
 from stealguard.defenses.base import (
-    DEFENSES, Budget, CheckedDefense, Defense, DefenseParams, validate_params,
+    DEFENSES,
+    Budget,
+    CheckedDefense,
+    Defense,
+    DefenseParams,
+    validate_params,
 )
 from stealguard.defenses.distances import kl
 from stealguard.defenses.jacobian import full_gram, last_layer_gram
@@ -44,8 +49,9 @@ from stealguard.defenses.keyed import keyed_uniform, new_key
 from stealguard.errors import ConfigError
 from stealguard.models import build_model
 
+SEED_OFFSET = 0x4D4144  # "MAD": keeps surrogate seed 0 apart from a victim initialised with seed 0
 TIE_BREAK = 1e-5  # extra mass on the top class of an argmax vertex (the authors' code)
-MAX_EXHAUSTIVE_K = 10  # MAD-argmax enumerates all 2^(K-1) vertices up to here, else greedy
+MAX_EXHAUSTIVE_K = 10  # MAD-argmax searches all 2^(K-1) vertices up to here, else greedily
 
 
 class MADParams(DefenseParams):
@@ -92,27 +98,36 @@ GRAMS: dict[str, Callable[[MAD, torch.Tensor, torch.Tensor], torch.Tensor]] = {
 # ------------------------------------------------------------------ eq. 4: objective
 
 
-def _quadratic_forms(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """m (B, K, K), candidates v (B or 1, N, K), y (B, K) -> v^T M v, v^T M y (B, N), y^T M y (B, 1)."""
+Forms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # v^T M v, v^T M y (B, N); y^T M y (B, 1)
+
+
+def quadratic_forms(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> Forms:
+    """m (B, K, K), candidates v (B or 1, N, K), y (B, K) -> the three quadratic forms."""
     mv = v @ m  # (B, N, K)
     my = (m @ y[:, :, None])[:, :, 0]  # (B, K)
     return (mv * v).sum(-1), (v * my[:, None, :]).sum(-1), (y * my).sum(-1, keepdim=True)
 
 
-def angular_objective(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def angular(forms: Forms) -> torch.Tensor:
     """Eq. 4: ||a/||a|| - u/||u||||^2 = 2 - 2 cos(a, u), a = G^T v, u = G^T y. -> (B, N)."""
-    vmv, vmy, ymy = _quadratic_forms(m, v, y)
+    vmv, vmy, ymy = forms
     return 2 - 2 * vmy / (vmv * ymy).clamp_min(1e-300).sqrt()
 
 
-def unnormalized_objective(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def unnormalized(forms: Forms) -> torch.Tensor:
     """||G^T v - G^T y||^2 (the `calc_surrogate_objective` of the authors' code). -> (B, N)."""
-    vmv, vmy, ymy = _quadratic_forms(m, v, y)
+    vmv, vmy, ymy = forms
     return vmv - 2 * vmy + ymy
 
 
-OBJECTIVES = {"angular": angular_objective, "unnormalized": unnormalized_objective}
+def angular_objective(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 for Gram m (B, K, K), candidates v (B or 1, N, K), posteriors y (B, K). -> (B, N)."""
+    return angular(quadratic_forms(m, v, y))
+
+
+OBJECTIVES: dict[str, Callable[[Forms], torch.Tensor]] = {
+    "angular": angular, "unnormalized": unnormalized,
+}
 
 
 # ------------------------------------------------------------------ eq. 7: step size α*
@@ -153,7 +168,7 @@ def build_surrogate(arch: str, *, in_channels: int, image_size: int, num_classes
                     seed: int = 0) -> nn.Module:
     """A fixed, randomly initialised surrogate F (eval mode, no gradients on its weights)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(SEED_OFFSET + seed)
         model = build_model(arch, in_channels=in_channels, image_size=image_size,
                             num_classes=num_classes, mean=mean, std=std)
     return model.eval().requires_grad_(False)
@@ -175,9 +190,10 @@ def surrogate_like(victim: nn.Module, *, arch: str | None, seed: int) -> nn.Modu
 
 @DEFENSES.register("mad")
 class MAD(CheckedDefense):
-    """MAD (eqs. 4-7). Pass `surrogate` (a model with `forward_features` and `classifier`),
-    or `surrogate_arch` (built lazily from the first batch's shape), or build it through
-    `build_defense(..., victim=...)`, which copies the victim's architecture and shape."""
+    """MAD (eqs. 4-7). Pass `surrogate` (a model with `forward_features` and `classifier`;
+    it is put in eval mode with frozen weights), or `surrogate_arch` (built lazily from the
+    first batch's shape), or build it through `build_defense(..., victim=...)`, which makes
+    a fresh random model of the victim's architecture, input shape and classes."""
 
     Params = MADParams
     preserves_argmax: ClassVar[bool] = False
@@ -187,9 +203,10 @@ class MAD(CheckedDefense):
                  ystar: str = "extreme", objective: str = "angular",
                  surrogate: nn.Module | None = None, surrogate_arch: str | None = None,
                  surrogate_seed: int = 0, chunk_size: int = 32, key: bytes | None = None) -> None:
-        p = validate_params(self.name, MADParams, dict(
-            epsilon=epsilon, dist=dist, jacobian=jacobian, ystar=ystar, objective=objective,
-            surrogate_arch=surrogate_arch, surrogate_seed=surrogate_seed, chunk_size=chunk_size))
+        p = validate_params(self.name, MADParams, {
+            "epsilon": epsilon, "dist": dist, "jacobian": jacobian, "ystar": ystar,
+            "objective": objective, "surrogate_arch": surrogate_arch,
+            "surrogate_seed": surrogate_seed, "chunk_size": chunk_size})
         self.epsilon, self.dist, self.jacobian = p.epsilon, p.dist, p.jacobian
         self.ystar, self.objective, self.chunk_size = p.ystar, p.objective, p.chunk_size
         self.surrogate_arch, self.surrogate_seed = p.surrogate_arch, p.surrogate_seed
@@ -229,7 +246,7 @@ class MAD(CheckedDefense):
     def best_vertex(self, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """argmax of H over the K one-hot extremes of Δ^K. (B, K)."""
         eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)  # (K, K)
-        scores = OBJECTIVES[self.objective](m, eye[None], y)  # (B, K)
+        scores = OBJECTIVES[self.objective](quadratic_forms(m, eye[None], y))  # (B, K)
         return eye[scores.argmax(1)]
 
     def random_vertex(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -265,6 +282,25 @@ def _subset_masks(k: int, *, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(rows, dtype=dtype, device=device)
 
 
+def subset_forms(m: torch.Tensor, y: torch.Tensor, top: torch.Tensor, masks: torch.Tensor
+                 ) -> Forms:
+    """Quadratic forms of every vertex v = s / |s|, s = 1_S + η e_c, S ranging over `masks`
+    (N, K) (rows without c give no vertex: the caller discards them), with GEMMs instead of
+    (B, N, K) temporaries:
+        s^T M s = 1_S^T M 1_S + 2 η (M 1_S)_c + η² M_cc,   s^T M y = 1_S^T M y + η (M y)_c.
+    """
+    b, k = y.shape
+    eta, rows = TIE_BREAK, torch.arange(b, device=y.device)
+    outer = (masks[:, :, None] * masks[:, None, :]).reshape(-1, k * k)  # (N, K*K)
+    sms = m.reshape(b, k * k) @ outer.T  # (B, N)  1_S^T M 1_S
+    m_c = m[rows, top]  # (B, K)  row c of M
+    my = (m @ y[:, :, None])[:, :, 0]  # (B, K)
+    sms = sms + 2 * eta * (m_c @ masks.T) + eta**2 * m_c[rows, top][:, None]
+    smy = my @ masks.T + eta * my[rows, top][:, None]  # (B, N)
+    size = masks.sum(1) + eta  # (N,) |s|
+    return sms / size**2, smy / size, (y * my).sum(1, keepdim=True)
+
+
 def argmax_vertices(masks: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """Vertices (1_S + η e_c) / (|S| + η) of Δ^K_c for masks (B, N, K) and top classes c (B,).
 
@@ -290,21 +326,22 @@ class MADArgmax(MAD):
         objective = OBJECTIVES[self.objective]
         if y.shape[1] <= MAX_EXHAUSTIVE_K:
             masks = _subset_masks(y.shape[1], dtype=y.dtype, device=y.device)  # (N, K)
-            verts = argmax_vertices(masks[None].expand(y.shape[0], -1, -1), top)  # (B, N, K)
-            scores = objective(m, verts, y)  # (B, N); masks without c duplicate masks with c
-            return verts[torch.arange(y.shape[0]), scores.argmax(1)]
+            scores = objective(subset_forms(m, y, top, masks))  # (B, N)
+            scores = scores.masked_fill(masks.T[top] == 0, -torch.inf)  # S must contain c
+            return argmax_vertices(masks[scores.argmax(1)][:, None], top)[:, 0]
         return self._greedy_vertex(m, y, top)
 
     def _greedy_vertex(self, m: torch.Tensor, y: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         b, k = y.shape
         chosen = nn.functional.one_hot(top, k).to(y.dtype)  # (B, K) current set S
         best = argmax_vertices(chosen[:, None], top)[:, 0]  # (B, K) the vertex e_c
-        best_score = OBJECTIVES[self.objective](m, best[:, None], y)[:, 0]  # (B,)
+        best_score = OBJECTIVES[self.objective](quadratic_forms(m, best[:, None], y))[:, 0]
         eye = torch.eye(k, dtype=y.dtype, device=y.device)
         for _ in range(k - 1):
             grown = torch.maximum(chosen[:, None, :], eye[None])  # (B, K, K): S ∪ {j}
             verts = argmax_vertices(grown, top)
-            scores = OBJECTIVES[self.objective](m, verts, y).masked_fill(chosen > 0, -torch.inf)
+            scores = OBJECTIVES[self.objective](quadratic_forms(m, verts, y))
+            scores = scores.masked_fill(chosen > 0, -torch.inf)  # (B, K)
             j = scores.argmax(1)  # (B,)
             step_best = scores.gather(1, j[:, None])[:, 0]
             better = step_best > best_score
