@@ -146,7 +146,12 @@ def _attack_command(name: str) -> None:
     """Register `stealguard attack <name>`: one command per registered attack."""
 
     def command(
-        victim_path: Path = typer.Option(..., "--victim", help="Victim artifact directory."),
+        victim_path: Path = typer.Option(..., "--victim", help="Victim artifact directory (the "
+                                         "owner's copy: its test set and agreement are measured)."),
+        target: Optional[str] = typer.Option(None, "--target", help="Attack a stealguard "
+                                             "service at this URL instead of a local black box."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="STEALGUARD_API_KEY",
+                                              help="API key for --target."),
         data: str = typer.Option(..., "--surrogate", "--seed-set", "--data",
                                  help="Attacker's images: surrogate set or in-distribution seeds."),
         data_split: str = typer.Option("train", help="Split of --data to draw from."),
@@ -176,10 +181,18 @@ def _attack_command(name: str) -> None:
                _config(batch_size=batch_size, seed=seed, **given))
         opts = {"labels": labels, "seed": seed, **_parse_options(option),
                 **({"arch": arch} if arch else {})}
+        blackbox = None
+        if target is not None:
+            if api_key is None or defense is not None:
+                raise StealguardError("--target needs --api-key, and takes no --defense (the "
+                                      "service applies its own)")
+            from stealguard.service.client import HttpBlackBox
+
+            blackbox = HttpBlackBox(target, api_key)
         r = steal(victim, attack=name, data=data, data_split=data_split, budget=budget,
                   options=opts, config=cfg, preset=preset, seed_size=seed_size,
                   defense=_defense(victim.model, defense, defense_param), output=output,
-                  data_root=data_root, device=device, progress=not as_json)
+                  data_root=data_root, device=device, progress=not as_json, blackbox=blackbox)
         clone = r.pop("clone")
         if save_clone is not None:
             save_classifier(save_clone, clone, dataset=victim.dataset, classes=victim.classes,
@@ -195,6 +208,14 @@ def _attack_command(name: str) -> None:
     attack_app.command(name, help=doc)(command)
 
 
+def _register_service_commands() -> None:
+    from stealguard.service.cli import audit_command, keys_app, serve_command
+
+    app.command("serve")(serve_command)
+    app.add_typer(keys_app, name="keys")
+    app.command("audit")(audit_command)
+
+
 def _register_attack_commands() -> None:
     from stealguard.attacks import ATTACKS
 
@@ -203,6 +224,7 @@ def _register_attack_commands() -> None:
 
 
 _register_attack_commands()
+_register_service_commands()
 
 
 @app.command()

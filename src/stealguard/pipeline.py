@@ -15,7 +15,7 @@ import torch
 
 from stealguard.artifacts import load_classifier, save_classifier
 from stealguard.attacks import ATTACKS, build_attack
-from stealguard.blackbox import LocalBlackBox
+from stealguard.blackbox import BlackBox, LocalBlackBox
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.defenses import Defense
@@ -83,6 +83,7 @@ def steal(
     config: TrainConfig | None = None, preset: str = "edm", seed_size: int | None = None,
     defense: Defense | None = None, output: str = "probs", data_root: str | Path | None = None,
     device: str | torch.device | None = "cpu", progress: bool = True,
+    blackbox: BlackBox | None = None,
 ) -> dict[str, Any]:
     """Run a registered attack against the (optionally defended) victim through a black box;
     return the papers' metrics, the query counts and the clone (key "clone").
@@ -90,19 +91,23 @@ def steal(
     data: the attacker's images: the surrogate set (knockoff, adaptive_averaging) or the
     in-distribution seed set (the Jacobian family), read from `data_split`.
     options: AttackerOptions fields; the clone's architecture defaults to the victim's.
+    blackbox: query this black box (for example an HttpBlackBox in front of a service serving
+    the victim) instead of a LocalBlackBox around `victim.model`; the budget still applies.
     """
     images = load_dataset(data, data_split, data_root=data_root)
     opts = {"arch": victim.model.arch, **dict(options or {})}
     role = getattr(ATTACKS.get(attack), "data_role", "surrogate")
     atk = build_attack(attack, **{role: images}, options=opts, config=config, preset=preset,
                        seed_size=seed_size, device=device, progress=progress)
-    bb = LocalBlackBox(victim.model, defense=defense, budget=budget, output=output, device=device)
+    bb = blackbox or LocalBlackBox(victim.model, defense=defense, budget=budget, output=output,
+                                   device=device)
+    before = bb.queries_used
     result = atk(bb, budget)
     test = test_set_for(victim, data_root=data_root)
     metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,
                             victim_accuracy=victim.test_accuracy)
     return {"attack": attack, "data": f"{data}/{data_split}", "labels": opts.get("labels", "soft"),
-            "queries": result.queries, "blackbox_count": bb.queries_used, **metrics,
+            "queries": result.queries, "blackbox_count": bb.queries_used - before, **metrics,
             "clone": result.clone}
 
 
