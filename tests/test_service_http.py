@@ -127,3 +127,29 @@ def test_counts_survive_a_server_restart(victim, tmp_path):
         torch.testing.assert_close(bb.query(x), first, rtol=0, atol=0)
         assert bb.queries_used == 12
     assert KeyStore(path).audit_summary(key.id)["requests"] == 2
+
+
+def test_cli_attack_steals_over_http(tmp_path):
+    """`stealguard attack knockoff --target URL --api-key K`: the same attack code over HTTP,
+    counted by the server exactly as the attack reports."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from stealguard.artifacts import save_classifier
+    from stealguard.cli import app
+
+    torch.manual_seed(0)
+    model = build_model("conv3", in_channels=1, image_size=28, num_classes=10).eval()
+    art = save_classifier(tmp_path / "victim", model, dataset="mnist",
+                          classes=[str(i) for i in range(10)])
+    store = KeyStore(tmp_path / "service.db")
+    key, secret = store.create_key(budget=1000)
+    with LiveServer(create_app(model, store=store)) as srv:
+        r = CliRunner().invoke(app, [
+            "attack", "knockoff", "--victim", str(art), "--target", srv.url, "--api-key", secret,
+            "--surrogate", "fashionmnist", "--budget", "200", "--epochs", "1", "--device", "cpu",
+            "--json"])
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output.strip().splitlines()[-1])
+    assert figures["queries"] == figures["blackbox_count"] == 200 == store.get(key.id).used
