@@ -8,8 +8,15 @@ import torch
 
 from stealguard.artifacts import load_classifier, sha256_file
 from stealguard.ensemble import (
-    DCTHash, DNNHash, EDMPredictor, is_edm_bundle, load_edm, public_info, read_edm_manifest,
-    read_hash_spec, save_edm,
+    DCTHash,
+    DNNHash,
+    EDMPredictor,
+    is_edm_bundle,
+    load_edm,
+    public_info,
+    read_edm_manifest,
+    read_hash_spec,
+    save_edm,
 )
 from stealguard.errors import ArtifactError
 from stealguard.models import build_model
@@ -81,7 +88,8 @@ def test_a_corrupt_member_or_hash_is_refused(tmp_path):
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="member-2.safetensors does not match the manifest's sha256"):
+    with pytest.raises(ArtifactError,
+                       match="member-2.safetensors does not match the manifest's sha256"):
         load_edm(path)
     path = _save(tmp_path, _edm())
     (path / "hash.safetensors").write_bytes(b"\0" * 10)
@@ -106,7 +114,8 @@ def _edit_hash_spec(path: Path, **changes) -> None:
 def test_inconsistent_bundles_are_refused(tmp_path):
     path = _save(tmp_path, _edm())
     _edit(path, "hash.json", lambda h: h.update(subclasses=2))  # not re-sealed
-    with pytest.raises(ArtifactError, match="hash.json does not match the manifest's size or sha256"):
+    with pytest.raises(ArtifactError,
+                       match="hash.json does not match the manifest's size or sha256"):
         load_edm(path)
     _edit_hash_spec(path, num_classes=7)
     with pytest.raises(ArtifactError, match="M = 7 does not match the hash network, which has 6"):
@@ -129,5 +138,6 @@ def test_inconsistent_bundles_are_refused(tmp_path):
 
 def test_a_bundle_is_not_a_classifier_artifact(tmp_path):
     path = _save(tmp_path, _edm())
-    with pytest.raises(ArtifactError, match="format 'stealguard.edm' v1 is not a stealguard.classifier"):
+    with pytest.raises(ArtifactError,
+                       match="format 'stealguard.edm' v1 is not a stealguard.classifier"):
         load_classifier(path)

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from stealguard.ensemble import (
-    StackedMembers, coherence, coherence_cdf, diversity_loss, edm_loss, pairwise_cosine,
+    StackedMembers,
+    coherence,
+    coherence_cdf,
+    diversity_loss,
+    edm_loss,
+    pairwise_cosine,
     train_ensemble,
 )
 from stealguard.errors import ConfigError, InputError
@@ -82,10 +87,16 @@ def _members(n: int, seed: int = 0, classes: int = 4):
 def test_stacked_forward_equals_each_member():
     members = _members(3)
     x = torch.rand(6, 1, 8, 8)
-    stacked = StackedMembers(members)(x)  # (3, 6, 4), one vmapped call
+    stack = StackedMembers(members)
+    assert stack.shared_names == ["normalize.mean", "normalize.std"]  # passed once, unbatched
+    stacked = stack(x)  # (3, 6, 4), one vmapped call
     assert stacked.shape == (3, 6, 4)
     for i, m in enumerate(members):
         assert torch.allclose(stacked[i], m(x), atol=1e-5)
+    members[1].normalize.mean.fill_(0.1)  # members that normalise differently stay stacked
+    stack = StackedMembers(members)
+    assert (stack.shared_names, stack.buffer_names) == (["normalize.std"], ["normalize.mean"])
+    assert torch.allclose(stack(x)[1], members[1](x), atol=1e-5)
 
 
 def test_regular_ensemble_equals_independent_training():
@@ -109,18 +120,18 @@ def test_diversity_training_lowers_coherence_on_held_out_ood():
     ood = (torch.rand(512, 1, 8, 8, generator=g) * 255).to(torch.uint8)  # noise: no quadrant
     held_out = torch.rand(256, 1, 8, 8, generator=g)  # fresh OOD images, never trained on
     xt, yt = quadrant_images(256, seed=2)
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.05)
+    cfg = TrainConfig(epochs=5, batch_size=32, lr=0.05)
     medians, accs = {}, {}
     for lam in (0.0, 1.0):
         members = _members(3)
         log = train_ensemble(members, x, y, ood, lambda_d=lam, config=cfg, progress=False)
-        assert len(log.epochs) == 4 and log.samples_per_second > 0
+        assert len(log.epochs) == 5 and log.samples_per_second > 0
         with torch.no_grad():
             probs = torch.stack([torch.softmax(m(held_out), -1) for m in members])
             medians[lam] = coherence(probs).median().item()
             accs[lam] = min((m(xt.float() / 255).argmax(1) == yt).float().mean().item()
                             for m in members)
-    assert medians[1.0] < medians[0.0] - 0.2, medians
+    assert medians[0.0] > 0.9 and medians[1.0] < 0.3, medians  # the regular ensemble agrees
     assert accs[1.0] > 0.9 and accs[0.0] > 0.9, accs
 
 

@@ -9,7 +9,12 @@ from torch import nn
 from stealguard.blackbox import LocalBlackBox, predict_proba
 from stealguard.defenses import Compose, Defense
 from stealguard.ensemble import (
-    HASHES, DCTHash, DNNHash, EDMPredictor, SHA1Hash, random_perturbation,
+    HASHES,
+    DCTHash,
+    DNNHash,
+    EDMPredictor,
+    SHA1Hash,
+    random_perturbation,
     sorted_index_histogram,
 )
 from stealguard.ensemble.hashing import _dct_matrix, dct_bits
@@ -52,7 +57,8 @@ def test_dnn_hash_by_hand():
     x = _rows(5)
     assert h.value(x).tolist() == [1, 6, 0, 5, 2]
     assert h.index(x, members=3).tolist() == [1, 0, 0, 2, 2]  # H mod N
-    assert DNNHash(TableNet(probs), subclasses=1).value(x).tolist() == [0, 3, 0, 2, 1]  # type: ignore[arg-type]
+    one_sub = DNNHash(TableNet(probs), subclasses=1)  # type: ignore[arg-type]
+    assert one_sub.value(x).tolist() == [0, 3, 0, 2, 1]  # m = 1: H is the argmax
 
 
 def test_dnn_hash_parameters_must_match_the_network():

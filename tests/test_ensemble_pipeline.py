@@ -3,14 +3,20 @@
 import pytest
 import torch
 
+from stealguard import pipeline as sg_pipeline
 from stealguard.data import ImageDataset
 from stealguard.ensemble import (
-    EDMPredictor, aux_sets, load_edm_victim, public_info, read_edm_manifest, save_edm_victim,
-    split_halves, train_edm,
+    EDMPredictor,
+    aux_sets,
+    load_edm_victim,
+    public_info,
+    read_edm_manifest,
+    save_edm_victim,
+    split_halves,
+    train_edm,
 )
 from stealguard.ensemble import pipeline as edm_pipeline
 from stealguard.errors import ConfigError, DatasetNotFoundError
-from stealguard import pipeline as sg_pipeline
 from stealguard.pipeline import steal_knockoff
 from stealguard.training import TrainConfig
 from synthetic import quadrant_dataset
@@ -51,7 +57,7 @@ def test_split_halves_are_disjoint_and_seeded():
     ds = _glyphs(101)
     a, b = split_halves(ds, seed=3)
     assert (len(a), len(b)) == (50, 51)
-    rows = lambda d: {tuple(img.flatten().tolist()) for img in d.images}  # noqa: E731
+    rows = lambda d: {tuple(img.flatten().tolist()) for img in d.images}
     assert not rows(a) & rows(b) and len(rows(a) | rows(b)) == len(rows(ds))
     again, _ = split_halves(ds, seed=3)
     assert torch.equal(a.images, again.images)
@@ -79,12 +85,15 @@ def test_bad_options_are_refused_before_training():
         train_edm("quadrants", "conv3", cfg, subclasses=0)
     with pytest.raises(ConfigError, match="OOD set 'glyphs16'"):
         train_edm("quadrants", "conv3", cfg, ood="glyphs16", hash_task="glyphs")
+    with pytest.raises(ConfigError, match="M = 10 does not match the hash task 'glyphs', which "
+                                          "has 4 classes"):
+        train_edm("quadrants", "conv3", cfg, hash_classes=10, ood="glyphs", hash_task="glyphs")
 
 
 def test_train_edm_end_to_end(tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
     victim = train_edm("quadrants", "conv3", cfg, members=3, lambda_d=0.5, ood="glyphs",
-                       hash_task="glyphs", ood_batch_size=16,
+                       hash_task="glyphs", ood_batch_size=16, hash_arch="conv3",
                        hash_config=TrainConfig(epochs=3, batch_size=32, lr=0.05),
                        progress=False)
     edm = victim.model

@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import save_file
 
 from stealguard import __version__
 from stealguard.artifacts import WeightsInfo, _atomic_write_bytes, _load_weights, sha256_file
+from stealguard.ensemble import hash_net as _hash_net  # noqa: F401  (registers hash_cnn3)
 from stealguard.ensemble.hashing import HASHES, DNNHash
 from stealguard.ensemble.predictor import EDMPredictor
 from stealguard.errors import ArtifactError, ConfigError
@@ -93,8 +94,8 @@ def _write_net(out: Path, name: str, model: Classifier) -> NetSpec:
     path = out / name
     _atomic_write_bytes(path, lambda tmp: save_file(state, tmp))
     return NetSpec(arch=model.arch, input_shape=model.input_shape, num_classes=model.num_classes,
-                   normalization={"mean": model.normalize.mean.flatten().tolist(),
-                                  "std": model.normalize.std.flatten().tolist()},
+                   normalization={"mean": state["normalize.mean"].flatten().tolist(),
+                                  "std": state["normalize.std"].flatten().tolist()},
                    weights=WeightsInfo(file=name, sha256=sha256_file(path),
                                        bytes=path.stat().st_size))
 
@@ -107,7 +108,8 @@ def save_edm(
     """Write `edm` as a bundle directory at `path` (created if needed)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    members = [_write_net(out, f"member-{i}.safetensors", m) for i, m in enumerate(edm.members)]
+    members = [_write_net(out, f"member-{i}.safetensors", cast(Classifier, m))
+               for i, m in enumerate(edm.members)]
     h = edm.hash_fn
     spec = HashSpec(kind=h.kind, task=hash_task, metrics=hash_metrics or {})
     if isinstance(h, DNNHash):

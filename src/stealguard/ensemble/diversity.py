@@ -6,7 +6,8 @@ Models", ICLR 2021, section 4.1. For the N members' probability vectors {y_i} on
     CS(y_a, y_b)      = <y_a, y_b> / (|y_a| |y_b|)                      cosine similarity
     Coherence({y_i})  = max_{a != b}  CS(y_a, y_b)                      (eq. 1)
     DivLoss({y_i})    = log( sum_{1 <= a < b <= N} exp(CS(y_a, y_b)) )  (eq. 2)
-    L = E_{(x, y) ~ D_in, x~ ~ D_out} [ 1/N sum_i CE(f_i(x), y) + lambda_D DivLoss({f_i(x~)}) ]  (eq. 3)
+    L = E_{(x, y) ~ D_in, x~ ~ D_out} [ 1/N sum_i CE(f_i(x), y)
+                                        + lambda_D DivLoss({f_i(x~)}) ]         (eq. 3)
 
 Probability vectors are non-negative, so CS lies in [0, 1] and DivLoss in
 [log P, 1 + log P] with P = N (N - 1) / 2 pairs (for N = 2 the lower bound is the paper's 0).
@@ -39,7 +40,8 @@ def pairwise_cosine(probs: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
 
 
 def _upper_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.triu_indices(n, n, offset=1, device=device).unbind(0)  # the pairs a < b
+    a, b = torch.triu_indices(n, n, offset=1, device=device)  # the P pairs a < b, (P,) each
+    return a, b
 
 
 def coherence(probs: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,10 @@ The members' parameters are stacked along a leading axis N with
 on a batch at once: each step is one forward and one backward for the whole ensemble, not a
 Python loop over models. Each step every member sees the same in-distribution batch x
 (B images) and the same OOD batch x~ (B' images), so the diversity term compares the
-members on identical inputs. The optimizer (SGD / Adam / Adagrad of `TrainConfig`) acts
-element-wise, so one optimizer over the stacked tensors equals N separate optimizers.
+members on identical inputs (BatchNorm members normalise over both batches together,
+each member with its own running statistics). The optimizer (SGD / Adam / Adagrad of
+`TrainConfig`) acts element-wise, so one optimizer over the stacked tensors equals N
+separate optimizers.
 
 Our choice: each step descends N * L, not L. Both have the same minimiser and the same
 ratio lambda_D between the two terms, but with L's 1/N every member's cross-entropy gradient
@@ -37,50 +39,74 @@ from tqdm.auto import tqdm
 from stealguard.data.augment import augment_batch
 from stealguard.ensemble.diversity import edm_loss
 from stealguard.errors import ConfigError, InputError
-from stealguard.models import Classifier
+from stealguard.models import Classifier, Normalize
 from stealguard.training import (
-    TrainConfig, make_optimizer, resolve_device, seed_everything, to_float_images,
+    TrainConfig,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    to_float_images,
 )
 
 
 class StackedMembers(nn.Module):
-    """N members of one architecture as stacked tensors; `forward(x)` -> (N, B, K) logits."""
+    """N members of one architecture as stacked tensors; `forward(x)` -> (N, B, K) logits.
+
+    The input normalisation buffers (`Normalize` mean / std) are constants equal across
+    members, so they are passed once, unbatched: the input then stays unbatched until the
+    first layer, which vmap runs as one convolution with N times the filters instead of a
+    grouped convolution on N copies of the batch (3x faster on a CPU).
+    """
 
     def __init__(self, members: Sequence[Classifier]) -> None:
         super().__init__()
         check_members(members)
         params, buffers = stack_module_state(list(members))  # name -> (N, ...) tensors
+        shared = _shared_buffers(members)
         self.names = list(params)
         # Parameters (not plain tensors) so optimizers and `.to()` see them
         self.stacked = nn.ParameterList([nn.Parameter(params[k]) for k in self.names])
-        self.buffer_names = list(buffers)
+        self.buffer_names = [k for k in buffers if k not in shared]  # stacked (N, ...)
+        self.shared_names = [k for k in buffers if k in shared]  # one copy for all members
         for i, k in enumerate(self.buffer_names):
             self.register_buffer(f"buffer_{i}", buffers[k])
+        for i, k in enumerate(self.shared_names):
+            self.register_buffer(f"shared_{i}", buffers[k][0].clone())
         self.n = len(members)
         # a stateless skeleton: functional_call supplies the tensors
         self._skeleton = [copy.deepcopy(members[0]).to("meta")]  # list: not a submodule
 
-    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], ...]:
         params = dict(zip(self.names, self.stacked))
         buffers = {k: getattr(self, f"buffer_{i}") for i, k in enumerate(self.buffer_names)}
-        return params, buffers
+        shared = {k: getattr(self, f"shared_{i}") for i, k in enumerate(self.shared_names)}
+        return params, buffers, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) shared by all members -> (N, B, K) logits, one vmapped call."""
         skeleton = self._skeleton[0]
 
-        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(skeleton, (p, b), (x,))
+        def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                s: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(skeleton, (p, {**b, **s}), (x,))
 
-        return vmap(one)(*self._tensors())
+        return vmap(one, in_dims=(0, 0, None))(*self._tensors())
 
     @torch.no_grad()
     def write_back(self, members: Sequence[nn.Module]) -> None:
         """Copy the stacked tensors into the member modules (member i gets slice i)."""
-        params, buffers = self._tensors()
+        params, buffers, shared = self._tensors()
         for i, m in enumerate(members):
-            state = {k: v[i] for k, v in {**params, **buffers}.items()}
+            state = {**{k: v[i] for k, v in {**params, **buffers}.items()}, **shared}
             m.load_state_dict(state, strict=True)
+
+
+def _shared_buffers(members: Sequence[nn.Module]) -> set[str]:
+    """Names of the `Normalize` buffers, when every member holds the same values."""
+    names = {f"{mod}.{b}" if mod else b for mod, module in members[0].named_modules()
+             if isinstance(module, Normalize) for b in ("mean", "std")}
+    states = [dict(m.named_buffers()) for m in members]
+    return {k for k in names if all(torch.equal(s[k], states[0][k]) for s in states)}
 
 
 def check_members(members: Sequence[nn.Module]) -> None:
@@ -148,6 +174,8 @@ def train_ensemble(
         perm = torch.randperm(n, device=dev, generator=gen)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]  # (B,)
+            if idx.numel() < 2 and n > 1:  # as `train`: a batch of one breaks BatchNorm
+                continue
             xo = next(ood_stream) if ood_stream is not None else None  # (B', C, H, W)
             parts = _step(stack, opt, cfg, dev, _batch(x_all[idx], cfg, gen), y_all[idx], xo,
                           lambda_d)

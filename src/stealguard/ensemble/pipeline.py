@@ -56,7 +56,8 @@ def load_aux(name: str, *, data_root: str | Path | None = None) -> ImageDataset:
 
 
 def split_halves(ds: ImageDataset, *, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
-    """Two disjoint halves of `ds` by a seeded permutation: (first, second), sizes n//2, n - n//2."""
+    """Two disjoint halves of `ds` by a seeded permutation: (first, second), of sizes n // 2
+    and n - n // 2."""
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     half = len(ds) // 2
 
@@ -84,7 +85,7 @@ def aux_sets(
 
 
 def train_hash_net(
-    hash_set: ImageDataset, *, config: TrainConfig, arch: str = "conv3", holdout: float = 0.1,
+    hash_set: ImageDataset, *, config: TrainConfig, arch: str = "hash_cnn3", holdout: float = 0.1,
     device: str | torch.device | None = "cpu", progress: bool = True,
 ) -> tuple[Classifier, float]:
     """f_H: `arch` trained on the secret task; returns it and its accuracy on a held-out
@@ -111,24 +112,40 @@ def _check_options(members: int, lambda_d: float, subclasses: int) -> None:
         raise ConfigError(f"hash parameter m (sub-classes) must be >= 1, got {subclasses}")
 
 
-def train_edm(
-    dataset: str, arch: str, config: TrainConfig, *, members: int = 5, lambda_d: float = 1.0,
-    ood: str = "kmnist", hash_task: str = "kmnist", subclasses: int = 2,
-    hash_arch: str = "conv3", hash_config: TrainConfig | None = None,
-    ood_batch_size: int | None = None, split_seed: int = 0,
-    data_root: str | Path | None = None, train_subset: int | None = None,
-    device: str | torch.device | None = "cpu", progress: bool = True,
-) -> EDMVictim:
-    """Train an EDM victim on `dataset`: f_H on `hash_task`, then N `arch` members on eq. 3
-    with `ood` as D_out. lambda_d = 0 trains the paper's regular ensemble (no OOD data)."""
-    _check_options(members, lambda_d, subclasses)
+def _edm_data(
+    dataset: str, *, ood: str, hash_task: str, hash_classes: int | None, split_seed: int,
+    train_subset: int | None, seed: int, data_root: str | Path | None,
+) -> tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset]:
+    """(train, test, hash task, OOD) sets, checked against each other."""
     train_set = load_dataset(dataset, "train", data_root=data_root)
     test_set = load_dataset(dataset, "test", data_root=data_root)
     if train_subset is not None:
-        train_set = train_set.subset(train_subset, seed=config.seed)
+        train_set = train_set.subset(train_subset, seed=seed)
+    hash_set, ood_set = aux_sets(ood, hash_task, input_shape=train_set.image_shape,
+                                 split_seed=split_seed, data_root=data_root)
+    if hash_classes is not None and hash_classes != hash_set.num_classes:
+        raise ConfigError(f"hash parameter M = {hash_classes} does not match the hash task "
+                          f"{hash_task!r}, which has {hash_set.num_classes} classes")
+    return train_set, test_set, hash_set, ood_set
+
+
+def train_edm(
+    dataset: str, arch: str, config: TrainConfig, *, members: int = 5, lambda_d: float = 1.0,
+    ood: str = "kmnist", hash_task: str = "kmnist", subclasses: int = 2,
+    hash_classes: int | None = None, hash_arch: str = "hash_cnn3",
+    hash_config: TrainConfig | None = None, ood_batch_size: int | None = None,
+    split_seed: int = 0, data_root: str | Path | None = None, train_subset: int | None = None,
+    device: str | torch.device | None = "cpu", progress: bool = True,
+) -> EDMVictim:
+    """Train an EDM victim on `dataset`: f_H on `hash_task`, then N `arch` members on eq. 3
+    with `ood` as D_out. lambda_d = 0 trains the paper's regular ensemble (no OOD data).
+    hash_classes (M), when given, must equal the hash task's class count; subclasses is m.
+    Every option is checked before anything is trained."""
+    _check_options(members, lambda_d, subclasses)
+    train_set, test_set, hash_set, ood_set = _edm_data(
+        dataset, ood=ood, hash_task=hash_task, hash_classes=hash_classes, split_seed=split_seed,
+        train_subset=train_subset, seed=config.seed, data_root=data_root)
     shape = train_set.image_shape
-    hash_set, ood_set = aux_sets(ood, hash_task, input_shape=shape, split_seed=split_seed,
-                                 data_root=data_root)
     hcfg = hash_config or TrainConfig(epochs=5, batch_size=128, lr=0.05, seed=config.seed)
     hash_net, hash_acc = train_hash_net(hash_set, config=hcfg, arch=hash_arch, device=device,
                                         progress=progress)
@@ -140,10 +157,11 @@ def train_edm(
                          lambda_d=lambda_d, config=config, ood_batch_size=ood_batch_size,
                          device=device, progress=progress, desc=f"edm {dataset}/{arch} x{members}")
     edm = EDMPredictor([n.cpu() for n in nets],
-                       hash_fn=DNNHash(hash_net, subclasses=subclasses))
+                       hash_fn=DNNHash(hash_net, num_classes=hash_classes, subclasses=subclasses))
     acc = accuracy(edm, test_set.images, test_set.labels, device=device)
     return EDMVictim(
-        model=edm, dataset=dataset, classes=train_set.classes, test_accuracy=acc,  # type: ignore[arg-type]
+        model=edm, dataset=dataset, classes=train_set.classes,  # type: ignore[arg-type]
+        test_accuracy=acc,
         train_config={**config.model_dump(), "members": members, "lambda_d": lambda_d,
                       "ood_batch_size": ood_batch_size or config.batch_size},
         lambda_d=lambda_d, ood=ood, hash_task=f"{hash_set.name}/{hash_set.split}",

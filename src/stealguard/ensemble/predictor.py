@@ -100,5 +100,6 @@ class EDMPredictor(nn.Module):
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise InputError(f"EDM expects float images (B, {', '.join(map(str, self.input_shape))})"
-                             f" in [0, 1], got {tuple(x.shape)}")
+            c, h, w = self.input_shape
+            raise InputError(f"EDM expects float images (B, {c}, {h}, {w}) in [0, 1], got "
+                             f"{tuple(x.shape)}")

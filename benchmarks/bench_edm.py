@@ -1,0 +1,164 @@
+"""EDM costs, as ratios measured in one run (EDM App. A.4):
+
+1. inference: EDMPredictor.predict_proba at batch 256 (the DNN hash, then one pass per member
+   over its share) vs one member alone on the same batches: images/s and the ratio;
+2. training: N = 5 members jointly on eq. 3 (one vmapped step; lambda_D > 0 with an OOD
+   batch, and the regular ensemble lambda_D = 0) vs one model trained with
+   `stealguard.training.train` on the same images, epochs and batch size: seconds, ratio;
+3. hash analysis (App. A.2): the mean sorted member-index histogram over random
+   perturbations of MNIST test images, for the DNN hash (hash_cnn3 trained on a KMNIST
+   half), the DCT pHash and SHA-1 (an invariant hash puts everything in the first bin).
+
+    STEALGUARD_DATA=../shared/datasets .venv/bin/python benchmarks/bench_edm.py [--quick]
+
+With --demo-check it instead runs the quick-scale EDM demo rows (`stealguard.ensemble.demo`,
+timed), the coherence of the EDM and of a regular ensemble (lambda_D = 0, same training) on
+the 10,000 FashionMNIST images an attacker would query, and the regular ensemble's soft
+KnockoffNets clone (the paper's Table 4 contrast): about 10 minutes on 2 CPU cores.
+
+Needs MNIST and KMNIST under the data root. Each contender runs once to warm up, then the
+contenders alternate and the best of --repeats is kept, so a change of load hits all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from stealguard.data import load_dataset
+from stealguard.ensemble import (
+    HASHES,
+    DNNHash,
+    EDMPredictor,
+    aux_sets,
+    sorted_index_histogram,
+    train_ensemble,
+    train_hash_net,
+)
+from stealguard.models import Classifier, build_model
+from stealguard.training import TrainConfig, train
+
+
+def _best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds per contender: one warm-up call each, then alternating runs, best kept."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def _members(n: int) -> list[Classifier]:
+    torch.manual_seed(0)
+    return [build_model("conv3", in_channels=1, image_size=28, num_classes=10) for _ in range(n)]
+
+
+@torch.no_grad()
+def bench_inference(hash_net: Classifier, images: torch.Tensor, *, repeats: int
+                    ) -> dict[str, float]:
+    xs = [b.float() / 255 for b in images.split(256)]  # (256, 1, 28, 28) each
+    edm = EDMPredictor(_members(5), hash_fn=DNNHash(hash_net)).eval()
+    single = edm.members[0]
+    t = _best_of({"one": lambda: [torch.softmax(single(xb), 1) for xb in xs],
+                  "edm": lambda: [edm.predict_proba(xb) for xb in xs],
+                  "hash": lambda: [edm.member_index(xb) for xb in xs]}, repeats)
+    counts = torch.bincount(torch.cat([edm.member_index(xb) for xb in xs]), minlength=5)
+    n = len(images)
+    return {"one_img_s": n / t["one"], "edm_img_s": n / t["edm"], "ratio": t["one"] / t["edm"],
+            "hash_share": t["hash"] / t["edm"], "largest_share": counts.max().item() / n}
+
+
+def bench_training(images: torch.Tensor, labels: torch.Tensor, ood: torch.Tensor, *,
+                   batch: int, ood_batch: int, repeats: int) -> dict[str, float]:
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.05)
+    t = _best_of({
+        "one": lambda: train(_members(1)[0], images, labels, config=cfg, progress=False),
+        "edm": lambda: train_ensemble(_members(5), images, labels, ood, lambda_d=0.5, config=cfg,
+                                      ood_batch_size=ood_batch, progress=False),
+        "regular": lambda: train_ensemble(_members(5), images, labels, None, lambda_d=0.0,
+                                          config=cfg, progress=False),
+    }, repeats)
+    return {**t, "edm_ratio": t["edm"] / t["one"], "regular_ratio": t["regular"] / t["one"]}
+
+
+def demo_check() -> None:
+    from stealguard.demo import SCALES
+    from stealguard.ensemble import coherence_on, train_edm
+    from stealguard.ensemble.demo import EDM_SCALES, edm_rows, train_demo_edm
+    from stealguard.pipeline import steal_knockoff
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    edm = train_demo_edm(scale="quick", progress=False)
+    rows = edm_rows(edm, scale="quick", progress=False)
+    print(f"run_edm_rows('quick'): {time.perf_counter() - t0:.0f} s wall, "
+          f"{time.process_time() - c0:.0f} s CPU (all threads)")
+    for r in rows:
+        print(f"  {r['row']:6s} {r['labels']:4s} accuracy {r['accuracy']:.4f} "
+              f"normalized {r['normalized_accuracy']:.3f} agreement {r['agreement']:.3f}")
+    e, s = EDM_SCALES["quick"], SCALES["quick"]
+    regular = train_edm("mnist", "conv3", e.members_config, members=5, lambda_d=0.0,
+                        hash_config=e.hash_config, train_subset=s.victim_subset, progress=False)
+    clone = steal_knockoff(regular, surrogate="fashionmnist", budget=s.budget, labels="soft",
+                           config=s.clone_config, progress=False)
+    print(f"regular ensemble (lambda_D=0): accuracy {regular.test_accuracy:.4f}, soft clone "
+          f"{clone['clone_accuracy']:.4f}")
+    queries = load_dataset("fashionmnist", "train").subset(s.budget, seed=0).images
+    for name, victim in (("EDM", edm), ("regular", regular)):
+        c = coherence_on(victim.model, queries)  # type: ignore[arg-type]
+        q = c.quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()
+        print(f"coherence on FashionMNIST queries, {name}: p10 {q[0]:.4f} median {q[1]:.4f} "
+              f"p90 {q[2]:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--demo-check", action="store_true",
+                   help="the quick-scale demo rows, coherence and the regular ensemble instead")
+    a = p.parse_args()
+    if a.demo_check:
+        return demo_check()
+    n_inf, n_train, n_hash, n_pert = (1024, 640, 20, 50) if a.quick else (5120, 2560, 200, 200)
+    print(f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    test = load_dataset("mnist", "test")
+    train_set = load_dataset("mnist", "train").subset(n_train, seed=0)
+    hash_set, ood_set = aux_sets("kmnist", "kmnist", input_shape=(1, 28, 28))
+    hash_net, acc = train_hash_net(hash_set, config=TrainConfig(epochs=5, lr=0.05),
+                                   progress=False)
+    print(f"hash network: hash_cnn3 on KMNIST half 0 ({len(hash_set)} images, 5 epochs), "
+          f"held-out accuracy {acc:.3f}")
+    r = bench_inference(hash_net, test.images[:n_inf], repeats=a.repeats)
+    print(f"inference, batch 256, {n_inf} MNIST test images: one member {r['one_img_s']:.0f} "
+          f"img/s, EDM (N=5, DNN hash) {r['edm_img_s']:.0f} img/s -> EDM/member throughput "
+          f"{r['ratio']:.2f}x (hash {100 * r['hash_share']:.0f} % of EDM time, largest member "
+          f"share {r['largest_share']:.2f})")
+    for batch, ood_batch in ((128, 32), (32, 8)):
+        t = bench_training(train_set.images, train_set.labels, ood_set.images, batch=batch,
+                           ood_batch=ood_batch, repeats=a.repeats)
+        print(f"training 1 epoch, {n_train} MNIST images, batch {batch}: one model "
+              f"{t['one']:.2f} s, N=5 EDM (lambda_D=0.5, OOD batch {ood_batch}) {t['edm']:.2f} s"
+              f" -> {t['edm_ratio']:.2f}x, N=5 regular (lambda_D=0) {t['regular']:.2f} s -> "
+              f"{t['regular_ratio']:.2f}x")
+    hashes = {"dnn": DNNHash(hash_net), "dct": HASHES.get("dct")(), "sha1": HASHES.get("sha1")()}
+    print(f"hash analysis (App. A.2), {n_hash} MNIST test images x {n_pert} random perturbations,"
+          f" N=5, mean sorted index histogram:")
+    for name, h in hashes.items():
+        hist = sorted_index_histogram(h, test.images[:n_hash], members=5, perturbations=n_pert)
+        print(f"  {name:5s} " + " ".join(f"{v:.3f}" for v in hist.mean(0).tolist()))
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
