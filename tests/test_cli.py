@@ -108,3 +108,25 @@ def test_errors_are_one_clear_line(tmp_path):
     r = cli("attack", "knockoff", "--victim", str(tmp_path / "missing"), "--surrogate", "mnist",
             "--defense", "madness")
     assert r.returncode == 2 and "is missing" in r.stderr
+
+
+def test_edm_train_evaluate_attack(tmp_path):
+    """`train --defense edm` writes a bundle that evaluate and attack load like any victim."""
+    out = tmp_path / "edm"
+    r = run("train", "--dataset", "mnist", "--defense", "edm", "--members", "2",
+            "--lambda-d", "0.5", "--train-subset", "600", "--epochs", "1", "--out", str(out),
+            "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    trained = json.loads(r.output.strip().splitlines()[-1])
+    assert trained["defense"] == "edm" and 0 <= trained["test_accuracy"] <= 1
+    r = run("evaluate", str(out), "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["test_accuracy"] == pytest.approx(trained["test_accuracy"])
+    r = run("attack", "knockoff", "--victim", str(out), "--surrogate", "fashionmnist",
+            "--budget", "100", "--epochs", "1", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output.strip().splitlines()[-1])
+    assert figures["queries"] == figures["blackbox_count"] == 100
+    assert "hash" not in r.output.lower()
+    r = run("train", "--dataset", "mnist", "--defense", "mad", "--out", str(tmp_path / "x"))
+    assert r.exit_code != 0

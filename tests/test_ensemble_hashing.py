@@ -8,6 +8,7 @@ from torch import nn
 
 from stealguard.blackbox import LocalBlackBox, predict_proba
 from stealguard.defenses import Compose, Defense
+from stealguard.defenses.builder import build_defense
 from stealguard.ensemble import (
     HASHES,
     DCTHash,
@@ -181,6 +182,18 @@ def test_edm_behind_the_black_box_and_before_a_defense(hash_net):
     assert torch.allclose(out, torch.full((32, 4), 0.25))
     plain = LocalBlackBox(edm, output="label").query(x[:5])
     assert torch.equal(plain.argmax(1), edm.predict_proba(x[:5]).argmax(1))
+
+
+def test_edm_then_mad(hash_net):
+    """App. A.3: EDM routes in the model, MAD perturbs the routed answer after it."""
+    edm = _edm(hash_net)
+    mad = build_defense("mad", {"epsilon": 0.5, "jacobian": "last_layer"}, victim=edm)
+    x = _queries(16)
+    out = LocalBlackBox(edm, defense=mad).query(x)
+    plain = edm.predict_proba(x)
+    assert out.shape == (16, 4) and torch.allclose(out.sum(1), torch.ones(16), atol=1e-5)
+    assert (out >= 0).all() and (out - plain).abs().sum(1).max() <= 0.5 + 1e-4
+    assert not torch.allclose(out, plain, atol=1e-3)
 
 
 def test_predictor_refuses_bad_input():

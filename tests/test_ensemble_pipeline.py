@@ -112,3 +112,4 @@ def test_train_edm_end_to_end(tmp_path):
     info = public_info(read_edm_manifest(path))
     assert info["metrics"]["test_accuracy"] == victim.test_accuracy
     assert "half0" not in str(info) and "hash" not in str(info)
+    assert "glyphs/test" not in repr(victim) and "hash_accuracy" not in repr(victim)

@@ -72,18 +72,39 @@ def train(
     weight_decay: float = typer.Option(5e-4, help="Weight decay."),
     augment: bool = typer.Option(False, help="Random crop (pad 4) and horizontal flip."),
     train_subset: Optional[int] = typer.Option(None, help="Train on a random subset of N images."),
+    defense: str = typer.Option("none", "--defense", help="none (one model) or edm (an "
+                                "ensemble of diverse models with a secret hash)."),
+    members: int = typer.Option(5, help="EDM: ensemble members N."),
+    lambda_d: float = typer.Option(0.5, "--lambda-d", help="EDM: diversity weight lambda_D "
+                                   "(0: the regular ensemble)."),
+    ood: str = typer.Option("kmnist", help="EDM: out-of-distribution set for diversity."),
+    hash_task: str = typer.Option("kmnist", help="EDM: the secret hash network's task."),
     seed: int = Seed, device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
 ) -> None:
-    """Train an undefended victim and save it as an artifact (safetensors + manifest)."""
+    """Train a victim (one model, or with --defense edm an EDM ensemble) and save it as an
+    artifact (safetensors + manifest)."""
     from stealguard.pipeline import save_victim, train_victim
 
     cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                   weight_decay=weight_decay, augment=augment, seed=seed)
     t0 = time.perf_counter()
-    victim = train_victim(dataset, arch, cfg, data_root=data_root, train_subset=train_subset,
-                          device=device, progress=not as_json)
-    save_victim(victim, out_dir)
-    _emit({"dataset": dataset, "arch": arch, "test_accuracy": victim.test_accuracy,
+    if defense == "edm":
+        from stealguard.ensemble import save_edm_victim, train_edm
+
+        victim = train_edm(dataset, arch, cfg, members=members, lambda_d=lambda_d, ood=ood,
+                           hash_task=hash_task, data_root=data_root, train_subset=train_subset,
+                           device=device, progress=not as_json)
+        save_edm_victim(victim, out_dir)
+    elif defense == "none":
+        victim = train_victim(dataset, arch, cfg, data_root=data_root,
+                              train_subset=train_subset, device=device, progress=not as_json)
+        save_victim(victim, out_dir)
+    else:
+        raise StealguardError(f"unknown training defense {defense!r}; valid: none, edm "
+                              "(output defenses are applied at query time: --defense on "
+                              "attack, evaluate and serve)")
+    _emit({"dataset": dataset, "arch": arch, "defense": defense,
+           "test_accuracy": victim.test_accuracy,
            "seconds": round(time.perf_counter() - t0, 1), "artifact": str(out_dir)},
           as_json, "victim")
 

@@ -62,6 +62,11 @@ def save_victim(victim: Victim, out: str | Path, **extra_metrics: Any) -> Path:
 
 
 def load_victim(path: str | Path) -> Victim:
+    """A classifier artifact or an EDM bundle (told apart by the manifest's format)."""
+    from stealguard.ensemble import is_edm_bundle, load_edm_victim  # lazy: ensemble imports us
+
+    if is_edm_bundle(path):
+        return load_edm_victim(path)
     model, manifest = load_classifier(path)
     return Victim(model, manifest.dataset, manifest.classes,
                   float(manifest.metrics.get("test_accuracy", float("nan"))), manifest.train_config)

@@ -11,6 +11,11 @@ hash task and the OOD set (see `stealguard.ensemble.pipeline`), M = 10, m = 2.
            (on a CPU the vmapped step costs least per image at small batches: 2.5 ms per
            image for the five members at 32 + 8, 3.9 ms at 128 + 32)
     full   the paper's sizes, for a GPU: full MNIST, 20 epochs, batches of 128 + 128
+           (not yet run: lambda_D and the epochs are carried over from quick, untuned)
+
+lambda_D = 0.5: at quick scale the largest value tried (0.25, 0.5, 1) that kept the EDM's
+test accuracy at or above the undefended victim's (98.78 vs 98.65; 1.0 gave 98.43), with a
+median coherence of 0.001 on the FashionMNIST queries (BENCHMARKS-edm.md).
 """
 
 from __future__ import annotations

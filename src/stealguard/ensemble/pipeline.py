@@ -12,7 +12,7 @@ when it is present and their test split otherwise (see `load_aux`). They must ha
 victim's image shape: no silent resizing.
 
     victim = train_edm("mnist", "conv3", TrainConfig(epochs=3, lr=0.05), members=5,
-                       lambda_d=1.0, ood="kmnist", hash_task="kmnist")
+                       lambda_d=0.5, ood="kmnist", hash_task="kmnist")
     steal_knockoff(victim, surrogate="fashionmnist", ...)   # EDM behind the black box
 """
 
@@ -42,8 +42,8 @@ class EDMVictim(Victim):
 
     lambda_d: float = 0.0
     ood: str = ""
-    hash_task: str = ""  # secret: never in public info
-    hash_accuracy: float = float("nan")  # secret: f_H on its held-out images
+    hash_task: str = field(default="", repr=False)  # secret: never in public info
+    hash_accuracy: float = field(default=float("nan"), repr=False)  # secret: f_H, held out
     log: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,7 +130,7 @@ def _edm_data(
 
 
 def train_edm(
-    dataset: str, arch: str, config: TrainConfig, *, members: int = 5, lambda_d: float = 1.0,
+    dataset: str, arch: str, config: TrainConfig, *, members: int = 5, lambda_d: float = 0.5,
     ood: str = "kmnist", hash_task: str = "kmnist", subclasses: int = 2,
     hash_classes: int | None = None, hash_arch: str = "hash_cnn3",
     hash_config: TrainConfig | None = None, ood_batch_size: int | None = None,

@@ -54,11 +54,18 @@ class EDMPredictor(nn.Module):
         self.arch: str = members[0].arch  # the clone architecture attacks default to
         self.num_classes: int = int(members[0].num_classes)
         self.input_shape: tuple[int, int, int] = tuple(members[0].input_shape)  # type: ignore
+        # as a Classifier has them, so a defense can build a model like the victim (MAD)
+        self.in_channels, self.image_size = self.input_shape[0], self.input_shape[1]
         self.eval()
 
     @property
     def n_members(self) -> int:
         return len(self.members)
+
+    @property
+    def normalize(self) -> nn.Module:
+        """The members' input normalisation (public, as a classifier artifact's)."""
+        return self.members[0].normalize  # type: ignore[return-value]
 
     @torch.no_grad()
     def member_index(self, x: torch.Tensor) -> torch.Tensor:
