@@ -70,7 +70,7 @@ def run_demo(
         r = steal_knockoff(victim, surrogate="fashionmnist", budget=s.budget, labels=labels,
                            config=s.clone_config, data_root=data_root, device=device,
                            progress=progress)
-        rows.append(_clone_row(r, "none", labels))
+        rows.append(clone_row(r, "none", labels))
     rows += _mad_rows(victim, s, device=device, data_root=data_root, progress=progress)
     from stealguard.ensemble.demo import run_edm_rows  # after the undefended rows: same sizes
 
@@ -78,7 +78,8 @@ def run_demo(
     return rows
 
 
-def _clone_row(r: dict[str, Any], defense: str, labels: str) -> dict[str, Any]:
+def clone_row(r: dict[str, Any], defense: str, labels: str) -> dict[str, Any]:
+    """A demo table row for a KnockoffNets clone (FashionMNIST queries against MNIST)."""
     return {
         "row": "clone", "dataset": "mnist", "arch": "conv3", "defense": defense,
         "attack": "knockoff(fashionmnist)", "labels": labels, "queries": r["queries"],
@@ -102,4 +103,4 @@ def _mad_rows(victim: Victim, s: DemoScale, *, device: torch.device,
              "attack": "-", "labels": "-", "queries": 0, "accuracy": m["accuracy"],
              "normalized_accuracy": m["accuracy"] / victim.test_accuracy,
              "agreement": 1.0 - m["argmax_changed"]},
-            _clone_row(r, label, "soft")]
+            clone_row(r, label, "soft")]

@@ -81,7 +81,7 @@ def edm_rows(
     data_root: str | Path | None = None, progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The demo rows of a trained EDM victim (KnockoffNets at the demo's budget)."""
-    from stealguard.demo import SCALES
+    from stealguard.demo import SCALES, clone_row
 
     s = SCALES[scale]
     rows: list[dict[str, Any]] = [{
@@ -93,10 +93,5 @@ def edm_rows(
         r = steal_knockoff(victim, surrogate="fashionmnist", budget=s.budget, labels=labels,
                            config=s.clone_config, data_root=data_root, device=device,
                            progress=progress)
-        rows.append({
-            "row": "clone", "dataset": victim.dataset, "arch": victim.model.arch,
-            "defense": "edm", "attack": "knockoff(fashionmnist)", "labels": labels,
-            "queries": r["queries"], "accuracy": r["clone_accuracy"],
-            "normalized_accuracy": r["normalized_accuracy"], "agreement": r["agreement"],
-        })
+        rows.append(clone_row(r, "edm", labels))
     return rows
