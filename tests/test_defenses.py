@@ -36,10 +36,12 @@ CONFIGS: dict[str, list[dict[str, str | float | int | bool]]] = {
         {"epsilon": 0.5}, {"epsilon": 1.0, "dist": "l2", "jacobian": "last_layer"},
         {"epsilon": 0.1, "dist": "kl"}, {"epsilon": 2.0, "jacobian": "identity"},
         {"epsilon": 1.0, "ystar": "random"}, {"epsilon": 0.7, "objective": "unnormalized"},
+        {"epsilon": 1.0, "jacobian": "last_layer", "surrogate_features": "victim"},
     ],
     "mad_argmax": [
         {"epsilon": 2.0}, {"epsilon": 0.5, "jacobian": "last_layer", "dist": "l2"},
         {"epsilon": 1.0, "ystar": "random"}, {"epsilon": 0.2, "dist": "kl"},
+        {"epsilon": 0.5, "jacobian": "last_layer", "surrogate_features": "victim"},
     ],
     "adaptive_misinformation": [{"tau": 0.9}, {"tau": 0.3, "nu": 10.0}],
 }

@@ -4,6 +4,7 @@ row, the MAD objective evaluated on explicit vectors G^T y for every extreme (fl
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 from collections.abc import Sequence
 
@@ -12,7 +13,8 @@ import torch
 from scipy.optimize import brentq
 from torch import nn
 
-from stealguard.defenses import MAD, MADArgmax
+from stealguard.blackbox import LocalBlackBox
+from stealguard.defenses import MAD, MADArgmax, build_defense
 from stealguard.defenses.jacobian import (
     full_gram,
     last_layer_gram,
@@ -28,8 +30,12 @@ from stealguard.defenses.mad import (
     kl_alpha,
     quadratic_forms,
     subset_forms,
+    surrogate_like,
 )
-from stealguard.models import build_model
+from stealguard.ensemble import EDMPredictor
+from stealguard.ensemble.hashing import SHA1Hash
+from stealguard.errors import ConfigError
+from stealguard.models import Classifier, build_model
 from synthetic import quadrant_images
 
 K = 4
@@ -310,3 +316,151 @@ def test_zero_budget_and_surrogate_built_lazily() -> None:
     out = mad(x.float(), y.float())
     assert mad.surrogate is not None and mad.surrogate.input_shape == (1, 8, 8)
     assert ((out - y.float()).abs().sum(1) <= 0.5 + 1e-5).all()
+
+
+# ------------------------------------------------------------------ surrogate_features=victim
+
+
+class ExplicitFeatureSurrogate(nn.Module):
+    """The reference: the victim's features (recomputed, differentiable) under a given head."""
+
+    def __init__(self, victim: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.victim = victim
+        self.classifier = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.victim.forward_features(x))  # type: ignore[operator]
+
+
+def victim_features_mad(victim: nn.Module, cls: type[MAD] = MAD, **params) -> MAD:
+    return cls(jacobian="last_layer", surrogate_features="victim", victim=victim, **params)
+
+
+def spy_forward_features(victim: Classifier, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of victim.forward_features (rows per call)."""
+    calls: list[int] = []
+    inner = victim.forward_features
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return inner(x)
+
+    monkeypatch.setattr(victim, "forward_features", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dist, eps", [("l1", 0.6), ("l2", 0.4), ("kl", 0.3)])
+def test_victim_features_mad_equals_explicit_reference(dist, eps) -> None:
+    victim = surrogate("lenet", 12, seed=3)
+    x, y = inputs(12, 12, seed=5)
+    head = surrogate_like(victim, arch=None, seed=2).classifier  # the paper's head
+    assert isinstance(head, nn.Linear)
+    assert not torch.equal(head.weight, last_weight(victim))  # never the victim's own head
+    reference = ExplicitFeatureSurrogate(victim, head.double())
+    ref, stars = reference_mad(reference, x, y, eps=eps, dist=dist, last_layer=True)
+    got = victim_features_mad(victim, epsilon=eps, dist=dist, surrogate_seed=2)(x, y)
+    assert (got - ref).abs().max() < 1e-5
+    assert len(set(stars.argmax(1).tolist())) > 1  # not one class for every query
+    assert ((got - y).abs().sum(1) > 1e-3).all()
+    ref_am, _ = reference_mad(reference, x, y, eps=1.5, argmax=True, last_layer=True)
+    got_am = victim_features_mad(victim, MADArgmax, epsilon=1.5, surrogate_seed=2)(x, y)
+    assert (got_am - ref_am).abs().max() < 1e-5
+    assert torch.equal(got_am.argmax(1), y.argmax(1))
+
+
+def test_victim_features_head_is_the_paper_surrogates_last_layer() -> None:
+    torch.manual_seed(0)
+    victim = build_model("conv3", in_channels=1, image_size=8, num_classes=K).eval()
+    paper = build_defense("mad", {"epsilon": 1.0, "jacobian": "last_layer"}, victim=victim)
+    ours = build_defense("mad", {"epsilon": 1.0, "jacobian": "last_layer",
+                                 "surrogate_features": "victim"}, victim=victim)
+    assert isinstance(paper, MAD) and isinstance(ours, MAD)
+    assert paper.surrogate is not None and ours.surrogate is not None
+    assert torch.equal(last_weight(ours.surrogate), last_weight(paper.surrogate))
+    assert not any(p.requires_grad for p in ours.surrogate.parameters())
+    assert all(p.requires_grad for p in victim.parameters())  # the victim is left alone
+
+
+def test_victim_features_answers_are_valid_and_deterministic() -> None:
+    torch.manual_seed(0)
+    victim = build_model("conv3", in_channels=1, image_size=8, num_classes=K).eval()
+    images, _ = quadrant_images(64, seed=4)
+    x = images.float() / 255
+    with torch.no_grad():
+        y = torch.softmax(3 * victim(x), 1)
+    for cls, dist, eps in ((MAD, "l1", 0.8), (MAD, "l2", 0.5), (MAD, "kl", 0.2),
+                           (MADArgmax, "l1", 2.0)):
+        mad = victim_features_mad(victim, cls, epsilon=eps, dist=dist)
+        out = mad(x, y)
+        assert out.dtype == y.dtype and torch.isfinite(out).all() and (out >= 0).all()
+        assert torch.allclose(out.sum(1), torch.ones(64), atol=1e-5)
+        d = {"l1": (out - y).abs().sum(1), "l2": (out - y).norm(dim=1),
+             "kl": (y * (y / out).log()).sum(1)}[dist]
+        assert (d <= eps + 1e-5).all(), d.max()
+        assert torch.equal(mad(x, y), out)
+        assert torch.equal(victim_features_mad(victim, cls, epsilon=eps, dist=dist)(x, y), out)
+        assert torch.allclose(mad(x[3:4], y[3:4]), out[3:4], atol=1e-6)
+        if cls is MADArgmax:
+            assert torch.equal(out.argmax(1), y.argmax(1))
+    other = victim_features_mad(victim, epsilon=2.0, surrogate_seed=1)(x, y)
+    assert not torch.equal(other, victim_features_mad(victim, epsilon=2.0)(x, y))
+
+
+def test_victim_features_reuse_the_victims_pass(monkeypatch) -> None:
+    torch.manual_seed(0)
+    victim = build_model("lenet", in_channels=1, image_size=12, num_classes=K).eval()
+    mad = victim_features_mad(victim, epsilon=1.0)
+    x = torch.rand(16, 1, 12, 12)
+    calls = spy_forward_features(victim, monkeypatch)
+    with torch.no_grad():
+        y = torch.softmax(victim(x), 1)
+    hit = mad(x, y)  # x went through the victim just now: its features are reused
+    assert calls == []
+    miss = mad(x.clone(), y)  # another tensor: one pass of the feature extractor
+    assert calls == [16]
+    assert torch.allclose(hit, miss, atol=1e-6)
+    x.mul_(0.5)  # changed in place since the victim saw it: not reused
+    mad(x, y)
+    assert calls == [16, 16]
+    bb = LocalBlackBox(victim, defense=mad, batch_size=8)
+    assert torch.allclose(bb.query(x), mad(x.clone(), torch.softmax(victim(x), 1)), atol=1e-6)
+    assert calls == [16, 16, 16]  # the black box's two batches of 8 reused their features
+
+
+def test_victim_features_hooks_go_with_the_defense() -> None:
+    torch.manual_seed(0)
+    victim = build_model("conv3", in_channels=1, image_size=8, num_classes=K).eval()
+    hooks = len(victim._forward_hooks), len(victim.classifier._forward_pre_hooks)
+    mad = victim_features_mad(victim, epsilon=1.0)
+    assert len(victim._forward_hooks) == hooks[0] + 1
+    copy.deepcopy(victim)  # a hooked victim can still be copied
+    del mad
+    gc.collect()
+    assert (len(victim._forward_hooks), len(victim.classifier._forward_pre_hooks)) == hooks
+
+
+def test_victim_features_bad_combinations_are_refused() -> None:
+    torch.manual_seed(0)
+    victim = build_model("conv3", in_channels=1, image_size=8, num_classes=K).eval()
+    base: dict[str, str | float | int] = {"epsilon": 1.0, "jacobian": "last_layer"}
+    with pytest.raises(ConfigError, match=r"surrogate_features='random' is invalid.* own .*victim"):
+        build_defense("mad", {**base, "surrogate_features": "random"}, victim=victim)
+    for jacobian in ("full", "identity"):
+        with pytest.raises(ConfigError, match=r"'mad': surrogate_features='victim' needs "
+                                              f"jacobian='last_layer', got jacobian='{jacobian}'"):
+            build_defense("mad", {**base, "jacobian": jacobian, "surrogate_features": "victim"},
+                          victim=victim)
+    with pytest.raises(ConfigError, match=r"'mad_argmax': surrogate_features='victim' .* drop "
+                                          "surrogate_arch"):
+        build_defense("mad_argmax", {**base, "surrogate_features": "victim",
+                                     "surrogate_arch": "lenet"}, victim=victim)
+    with pytest.raises(ConfigError, match="surrogate_features='victim' needs the victim"):
+        build_defense("mad", {**base, "surrogate_features": "victim"})
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        members.append(build_model("conv3", in_channels=1, image_size=8, num_classes=K))
+    edm = EDMPredictor(members, hash_fn=SHA1Hash())
+    with pytest.raises(ConfigError, match="forward_features.*EDMPredictor has none"):
+        build_defense("mad", {**base, "surrogate_features": "victim"}, victim=edm)

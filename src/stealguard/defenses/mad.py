@@ -21,13 +21,37 @@ last linear weight, the authors' code; closed form, no backward pass), `identity
 paper's G = I ablation). `ystar=random` is the y* = rand ablation (a random extreme, from a
 keyed hash of the image so repeated queries get the same answer).
 
+The surrogate F (`surrogate_features`). The paper's F is a randomly initialised network of the
+victim's architecture (`own`, the default, paper-faithful). With `jacobian=last_layer` its
+forward pass costs as much as the victim's, so MAD halves the black box's throughput. Our
+option `victim` keeps the same random last layer (W_r, b_r: the paper surrogate's own, seed
+for seed) but puts it on the victim's penultimate features h_V(x):
+
+    F(x) = softmax(W_r h_V(x) + b_r) = p,     M = ||h_V||^2 (I - 1 p^T)(I - p 1^T)
+
+The last-layer G depends on x only through h_V(x) and p (and ||h_V||^2 only scales M per
+sample, which leaves y* unchanged), so once h_V(x) is known MAD costs one D x K layer.
+h_V(x) was already computed by the victim's forward pass that produced y: a `FeatureTap`
+(two forward hooks on the victim) keeps it, filed under the input tensor, and MAD reuses it
+when it is called on that same tensor, as `LocalBlackBox`, the service and `defense_metrics`
+do (they hand the defense the x they gave the model). On any other tensor it runs
+`victim.forward_features(x)`: the same answer, one extra pass. The head is never the
+victim's own: then p = y and G^T y = (y - p) h^T = 0, and eq. 4 is undefined. An EDM
+ensemble has no single feature map (each query goes to one member), so it is refused.
+This trades the paper's choice (App. E.1 finds MAD robust to the surrogate's architecture)
+for speed; it is our choice, not the paper's.
+
     mad = MAD(epsilon=0.5, surrogate=build_model("lenet", ...))
     y_tilde = mad(x, probs)      # (B, C, H, W), (B, K) -> (B, K)
+    fast = build_defense("mad", {"epsilon": 0.5, "jacobian": "last_layer",
+                                 "surrogate_features": "victim"}, victim=victim)
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -67,6 +91,9 @@ class MADParams(DefenseParams):
     surrogate_arch: str | None = Field(None, description=(
         "surrogate architecture name; default the victim's"))
     surrogate_seed: int = Field(0, description="seed of the surrogate's random initialisation")
+    surrogate_features: Literal["own", "victim"] = Field("own", description=(
+        "the surrogate's features: own (a random network, the paper) or victim (the victim's "
+        "penultimate features under the same random last layer; jacobian=last_layer only)"))
     chunk_size: int = Field(32, ge=1, description="queries per Jacobian chunk, >= 1")
 
 
@@ -188,12 +215,103 @@ def surrogate_like(victim: nn.Module, *, arch: str | None, seed: int) -> nn.Modu
                            mean=mean, std=std, seed=seed)
 
 
+class FeatureTap:
+    """The victim's penultimate features h (B, D) from its latest forward pass, per thread.
+
+    A pre-hook on the victim's classifier sees h; a hook after the victim's forward files h
+    under the input x. `features(x)` hands h back only for that very tensor, unchanged since
+    (same object, same in-place version counter), else None. Costs two dict writes a pass.
+    """
+
+    def __init__(self, victim: nn.Module) -> None:
+        self._pending: dict[int, torch.Tensor] = {}  # thread -> h of the pass under way
+        self._last: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+        classifier: nn.Module = victim.classifier  # type: ignore[assignment]
+        self._handles = [classifier.register_forward_pre_hook(self._saw_features),
+                         victim.register_forward_hook(self._saw_output)]
+
+    def _saw_features(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._pending[threading.get_ident()] = args[0].detach()
+
+    def _saw_output(self, module: nn.Module, args: tuple[object, ...], out: object) -> None:
+        h = self._pending.pop(threading.get_ident(), None)
+        x = args[0] if args else None
+        if h is not None and isinstance(x, torch.Tensor) and h.shape[0] == x.shape[0]:
+            self._last[threading.get_ident()] = (weakref.ref(x), x._version, h)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor | None:
+        last = self._last.get(threading.get_ident())
+        if last is None or last[0]() is not x or last[1] != x._version:
+            return None
+        return last[2]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class VictimFeatureSurrogate(nn.Module):
+    """F(x) = W_r h_V(x) + b_r: the victim's features, a fixed random last layer (eval mode).
+
+    (W_r, b_r) is the last layer of `surrogate_like(victim, seed=seed)`, the paper surrogate
+    of `surrogate_features=own` with the same seed. h_V(x) comes from the tap when the victim
+    has just run on x, else from `victim.forward_features(x)`.
+    """
+
+    def __init__(self, victim: nn.Module, *, seed: int = 0) -> None:
+        super().__init__()
+        kind = type(victim).__name__
+        if not callable(getattr(victim, "forward_features", None)) or not isinstance(
+                getattr(victim, "classifier", None), nn.Linear):
+            raise ConfigError(
+                "MAD surrogate_features='victim' needs a victim with forward_features(x) and a "
+                f"linear classifier; {kind} has none (an EDM ensemble answers each query with "
+                "one member, so there is no single feature map): use surrogate_features=own")
+        linear: nn.Linear = victim.classifier  # type: ignore[assignment]
+        if getattr(victim, "arch", None) is not None:
+            head = surrogate_like(victim, arch=None, seed=seed).classifier
+            assert isinstance(head, nn.Linear)
+        else:  # no architecture to copy: PyTorch's default init of a layer of that shape
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED_OFFSET + seed)
+                head = nn.Linear(linear.in_features, linear.out_features)
+        self.classifier = head.to(_dtype_of(victim)).eval().requires_grad_(False)
+        self._victim = [victim]  # a list: not a submodule, so .to()/freezing leave it alone
+        self.tap = FeatureTap(victim)
+        weakref.finalize(self, self.tap.remove)  # the hooks go when this surrogate goes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tap.features(x)  # (B, D) from the victim's own pass, or None
+        if h is None:
+            with torch.no_grad():
+                h = self._victim[0].forward_features(x)  # type: ignore[operator]
+        return h.to(self.classifier.weight.device, self.classifier.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))  # (B, K)
+
+
+def _check_victim_features(name: str, p: MADParams, victim: nn.Module | None,
+                           surrogate: nn.Module | None) -> nn.Module:
+    """The victim, after refusing what surrogate_features='victim' cannot be combined with."""
+    what = f"defense {name!r}: surrogate_features='victim'"
+    if p.jacobian != "last_layer":
+        raise ConfigError(f"{what} needs jacobian='last_layer', got jacobian={p.jacobian!r}")
+    if p.surrogate_arch is not None or surrogate is not None:
+        raise ConfigError(f"{what} builds its surrogate on the victim's features: drop "
+                          "surrogate_arch= and surrogate=")
+    if victim is None:
+        raise ConfigError(f"{what} needs the victim: build_defense(..., victim=model)")
+    return victim
+
+
 @DEFENSES.register("mad")
 class MAD(CheckedDefense):
     """MAD (eqs. 4-7). Pass `surrogate` (a model with `forward_features` and `classifier`;
     it is put in eval mode with frozen weights), or `surrogate_arch` (built lazily from the
     first batch's shape), or build it through `build_defense(..., victim=...)`, which makes
-    a fresh random model of the victim's architecture, input shape and classes."""
+    a fresh random model of the victim's architecture, input shape and classes. With
+    `surrogate_features="victim"` pass `victim=`: the surrogate is a `VictimFeatureSurrogate`."""
 
     Params = MADParams
     preserves_argmax: ClassVar[bool] = False
@@ -202,11 +320,17 @@ class MAD(CheckedDefense):
     def __init__(self, *, epsilon: float, dist: str = "l1", jacobian: str = "full",
                  ystar: str = "extreme", objective: str = "angular",
                  surrogate: nn.Module | None = None, surrogate_arch: str | None = None,
-                 surrogate_seed: int = 0, chunk_size: int = 32, key: bytes | None = None) -> None:
+                 surrogate_seed: int = 0, surrogate_features: str = "own", chunk_size: int = 32,
+                 key: bytes | None = None, victim: nn.Module | None = None) -> None:
         p = validate_params(self.name, MADParams, {
             "epsilon": epsilon, "dist": dist, "jacobian": jacobian, "ystar": ystar,
             "objective": objective, "surrogate_arch": surrogate_arch,
-            "surrogate_seed": surrogate_seed, "chunk_size": chunk_size})
+            "surrogate_seed": surrogate_seed, "surrogate_features": surrogate_features,
+            "chunk_size": chunk_size})
+        if p.surrogate_features == "victim":
+            victim = _check_victim_features(self.name, p, victim, surrogate)
+            surrogate = VictimFeatureSurrogate(victim, seed=p.surrogate_seed)
+        self.surrogate_features = p.surrogate_features
         self.epsilon, self.dist, self.jacobian = p.epsilon, p.dist, p.jacobian
         self.ystar, self.objective, self.chunk_size = p.ystar, p.objective, p.chunk_size
         self.surrogate_arch, self.surrogate_seed = p.surrogate_arch, p.surrogate_seed
@@ -219,14 +343,16 @@ class MAD(CheckedDefense):
                     key: bytes | None = None, surrogate: nn.Module | None = None,
                     **components: Any) -> Defense:
         needs_surrogate = params.ystar == "extreme" and params.jacobian != "identity"
-        if surrogate is None and victim is not None and needs_surrogate:
+        own = params.surrogate_features == "own"
+        if surrogate is None and victim is not None and needs_surrogate and own:
             surrogate = surrogate_like(victim, arch=params.surrogate_arch,
                                        seed=params.surrogate_seed)
-        return cls(**dict(params), surrogate=surrogate, key=key)
+        return cls(**dict(params), surrogate=surrogate, key=key, victim=victim)
 
     def __repr__(self) -> str:  # never the key
         return (f"{type(self).__name__}(epsilon={self.epsilon}, dist={self.dist!r}, "
-                f"jacobian={self.jacobian!r}, ystar={self.ystar!r}, objective={self.objective!r})")
+                f"jacobian={self.jacobian!r}, ystar={self.ystar!r}, objective={self.objective!r}, "
+                f"surrogate_features={self.surrogate_features!r})")
 
     def surrogate_for(self, x: torch.Tensor, num_classes: int) -> nn.Module:
         """The surrogate on x's device; built on first use from surrogate_arch if needed."""
