@@ -3,13 +3,9 @@
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from stealguard.artifacts import save_classifier
 from stealguard.cli import app
-from stealguard.models import build_model
-from stealguard.training import TrainConfig, train
 
 runner = CliRunner()
 

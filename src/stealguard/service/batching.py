@@ -125,7 +125,7 @@ class MicroBatcher:
         x = live[0].x if len(live) == 1 else torch.cat([it.x for it in live])  # (R, C, H, W)
         try:
             out = self.fn(x)  # (R, K)
-        except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
+        except BaseException as e:  # every waiting request must hear of it
             for it in live:
                 it.future.set_exception(e)
             return

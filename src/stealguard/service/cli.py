@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from stealguard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stealguard.service.app import Limits
+    from stealguard.service.ray_serve import RayOptions
 
 StoreOpt = typer.Option(None, "--store", envvar="STEALGUARD_STORE",
                         help="Key store: a SQLite file path or a SQLAlchemy URL "
@@ -45,13 +50,14 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> None:
 
 
 def serve_command(
-    artifact: Path = typer.Argument(..., help="Artifact directory (classifier or EDM bundle)."),
+    artifact: Annotated[Path, typer.Argument(
+        help="Artifact directory (classifier or EDM bundle).")],
     defense: str = typer.Option("none", "--defense", help="Output defense (registered name)."),
-    defense_param: list[str] = typer.Option([], "--defense-param", "-p",
-                                            help="Defense parameter name=value (repeatable)."),
-    defense_key_file: Path | None = typer.Option(
-        None, "--defense-key-file", help="Secret for keyed defenses (same answers across "
-                                         "restarts); a fresh one when absent."),
+    defense_param: Annotated[list[str] | None, typer.Option(
+        "--defense-param", "-p", help="Defense parameter name=value (repeatable).")] = None,
+    defense_key_file: Annotated[Path | None, typer.Option(
+        "--defense-key-file", help="Secret for keyed defenses (same answers across "
+                                   "restarts); a fresh one when absent.")] = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
     port: int = typer.Option(8000, "--port", help="Port to bind."),
     store: str | None = StoreOpt,
@@ -61,9 +67,22 @@ def serve_command(
     max_wait_ms: float = typer.Option(2.0, help="How long a batch waits for more requests."),
     threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
-    log_level: str = typer.Option("warning", help="uvicorn log level."),
+    log_level: str = typer.Option("warning", help="Log level (uvicorn's, or the replicas')."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local: one process under uvicorn. ray: Ray Serve, each EDM "
+                                  "member its own deployment behind a router (a classifier is "
+                                  "one member); needs the `ray` extra of stealguard."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="--engine ray: the Ray cluster to join (auto, "
+                                    "ray://host:10001); default: start a local Ray."),
+    member_replicas: int = typer.Option(1, help="--engine ray: replicas of each member."),
+    router_replicas: int = typer.Option(1, help="--engine ray: replicas of the router."),
+    ingress_replicas: int = typer.Option(1, help="--engine ray: replicas of the HTTP front."),
+    num_cpus_per_replica: float = typer.Option(1.0, help="--engine ray: Ray CPUs per replica."),
+    num_gpus_per_member: float = typer.Option(
+        0.0, help="--engine ray: Ray GPUs per member replica (members run on CUDA when > 0)."),
 ) -> None:
-    """Serve a defended model over HTTP (FastAPI under uvicorn)."""
+    """Serve a defended model over HTTP (FastAPI under uvicorn, or on Ray Serve)."""
     import torch
     import uvicorn
 
@@ -72,20 +91,56 @@ def serve_command(
     from stealguard.service.served import load_served_model
     from stealguard.service.store import KeyStore
 
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"unknown engine {engine!r}; valid: local, ray")
+    params = parse_defense_params(defense_param or [])
+    limits = Limits(max_images=max_images, max_body_bytes=int(max_body_mb * 2**20),
+                    max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
+    if engine == "ray":
+        if device != "cpu":
+            raise ConfigError("--device is for --engine local; with --engine ray give the "
+                              "members GPUs with --num-gpus-per-member")
+        from stealguard.service.ray_serve import RayOptions
+
+        options = RayOptions(
+            member_replicas=member_replicas, router_replicas=router_replicas,
+            ingress_replicas=ingress_replicas, num_cpus=num_cpus_per_replica,
+            num_gpus=num_gpus_per_member, threads=threads, log_level=log_level)
+        _serve_ray(artifact, defense=defense, params=params, key_file=defense_key_file,
+                   store=store, limits=limits, options=options, address=ray_address,
+                   host=host, port=port)
+        return
     if threads is not None:
         torch.set_num_threads(threads)
     served = load_served_model(artifact)
     key = defense_key_file.read_bytes() if defense_key_file is not None else None
     victim = served.model if isinstance(served.model, torch.nn.Module) else None
-    dfn = build_defense(defense, parse_defense_params(defense_param), victim=victim, key=key)
-    limits = Limits(max_images=max_images, max_body_bytes=int(max_body_mb * 2**20),
-                    max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
+    dfn = build_defense(defense, params, victim=victim, key=key)
     key_store = KeyStore(store)
     app = create_app(served, defense=dfn, store=key_store, limits=limits, device=device)
     print(f"serving {artifact} ({served.format}, input {served.input_shape}, "
           f"{served.num_classes} classes) at http://{host}:{port}; keys in "
           f"{key_store.location}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _serve_ray(artifact: Path, *, defense: str, params: dict[str, str], key_file: Path | None,
+               store: str | None, limits: Limits, options: RayOptions, address: str | None,
+               host: str, port: int) -> None:
+    """`serve --engine ray`: deploy on Ray Serve, then wait for Ctrl-C."""
+    from stealguard.service import ray_serve
+
+    spec = ray_serve.DefenseSpec(defense, params,
+                                 key_file=str(key_file) if key_file is not None else None)
+    url = ray_serve.deploy(artifact, defense=spec, store=store, limits=limits, options=options,
+                           address=address, host=host, port=port)
+    info = ray_serve.describe_artifact(artifact)
+    print(f"serving {artifact} ({info.format}, input {info.input_shape}, {info.num_classes} "
+          f"classes) on Ray Serve at {url}: {info.members} member deployment(s) x "
+          f"{options.member_replicas} replica(s), {options.router_replicas} router, "
+          f"{options.ingress_replicas} ingress; keys in {ray_serve.absolute_store(store)}",
+          file=sys.stderr, flush=True)
+    ray_serve.block_until_interrupted(options.app_name)
 
 
 @keys_app.command("create")

@@ -42,9 +42,7 @@ from sqlalchemy import (
     Table,
     Text,
     case,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     or_,
@@ -52,11 +50,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.exc import SQLAlchemyError
 
 from stealguard.blackbox import OUTPUT_MODES
+from stealguard.db import open_engine
 from stealguard.errors import ConfigError, QueryBudgetExceeded
 from stealguard.service.errors import AuthError, RateLimited
 
@@ -146,36 +143,6 @@ def _iso(t: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _engine(store: str | Path) -> Engine:
-    """A path (or sqlite URL) -> SQLite in WAL mode; anything with '://' -> that database."""
-    s = str(store)
-    if "://" not in s:
-        Path(s).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        s = f"sqlite:///{Path(s).expanduser()}"
-    try:
-        url = make_url(s)
-    except ArgumentError as e:
-        raise ConfigError(f"store {store!r} is neither a path nor a SQLAlchemy URL: {e}") from None
-    if url.get_backend_name() != "sqlite":
-        try:
-            return create_engine(url, pool_pre_ping=True)
-        except ImportError as e:
-            raise ConfigError(f"store {url.render_as_string()}: the database driver is not "
-                              f"installed ({e}); for PostgreSQL: pip install psycopg") from None
-    in_memory = url.database in (None, "", ":memory:")
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                           **({"poolclass": StaticPool} if in_memory else {}))  # one shared db
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        if not in_memory:
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    return engine
 
 
 class KeyStore:
@@ -183,14 +150,19 @@ class KeyStore:
 
     def __init__(self, store: str | Path | None = None) -> None:
         self.location = str(store if store is not None else default_store_path())
-        self.engine = _engine(self.location)
+        self.engine = open_engine(self.location)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         # SQLite has one writer at a time; queueing writers here spares them the busy loop.
         self._write_lock = threading.Lock() if self.is_sqlite else None
         try:
             metadata.create_all(self.engine)
         except SQLAlchemyError as e:
-            raise ConfigError(f"cannot open the key store at {self.location}: {e}") from None
+            # Two processes opening a new store at once: the other one created the tables
+            # between our check and our CREATE. Check again before giving up.
+            try:
+                metadata.create_all(self.engine)
+            except SQLAlchemyError:
+                raise ConfigError(f"cannot open the key store at {self.location}: {e}") from None
 
     def close(self) -> None:
         self.engine.dispose()
