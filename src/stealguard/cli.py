@@ -244,8 +244,17 @@ def _register_attack_commands() -> None:
         _attack_command(name)
 
 
+def _register_reproduce_commands() -> None:
+    from stealguard.reproduce.cli import headline_command, reproduce_command, specs_command
+
+    app.command("reproduce")(reproduce_command)
+    app.command("specs")(specs_command)
+    app.command("headline")(headline_command)
+
+
 _register_attack_commands()
 _register_service_commands()
+_register_reproduce_commands()
 
 
 @app.command()

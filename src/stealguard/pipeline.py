@@ -88,7 +88,7 @@ def steal(
     config: TrainConfig | None = None, preset: str = "edm", seed_size: int | None = None,
     defense: Defense | None = None, output: str = "probs", data_root: str | Path | None = None,
     device: str | torch.device | None = "cpu", progress: bool = True,
-    blackbox: BlackBox | None = None,
+    blackbox: BlackBox | None = None, jacobian: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a registered attack against the (optionally defended) victim through a black box;
     return the papers' metrics, the query counts and the clone (key "clone").
@@ -98,12 +98,14 @@ def steal(
     options: AttackerOptions fields; the clone's architecture defaults to the victim's.
     blackbox: query this black box (for example an HttpBlackBox in front of a service serving
     the victim) instead of a LocalBlackBox around `victim.model`; the budget still applies.
+    jacobian: overrides of the Jacobian family's preset (rounds, step, ...).
     """
     images = load_dataset(data, data_split, data_root=data_root)
     opts = {"arch": victim.model.arch, **dict(options or {})}
     role = getattr(ATTACKS.get(attack), "data_role", "surrogate")
+    extra = {"jacobian": jacobian} if jacobian is not None else {}
     atk = build_attack(attack, **{role: images}, options=opts, config=config, preset=preset,
-                       seed_size=seed_size, device=device, progress=progress)
+                       seed_size=seed_size, device=device, progress=progress, **extra)
     bb = blackbox or LocalBlackBox(victim.model, defense=defense, budget=budget, output=output,
                                    device=device)
     before = bb.queries_used

@@ -48,7 +48,12 @@ class EDMVictim(Victim):
 
 
 def load_aux(name: str, *, data_root: str | Path | None = None) -> ImageDataset:
-    """An auxiliary dataset: its train split, or its test split when only that exists."""
+    """An auxiliary dataset: its train split, or its test split when only that exists;
+    `name@split` picks the split (e.g. `cifar100@test`, disjoint from an attacker's
+    CIFAR-100 train queries)."""
+    name, _, split = name.partition("@")
+    if split:
+        return load_dataset(name, split, data_root=data_root)
     try:
         return load_dataset(name, "train", data_root=data_root)
     except DatasetNotFoundError:

@@ -1,0 +1,110 @@
+"""`stealguard reproduce <spec>` and `stealguard specs`: the CLI only parses and hands off."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stealguard.errors import StealguardError
+
+
+def reproduce_command(
+    spec: str = typer.Argument(..., help="A spec name (see `stealguard specs`) or a YAML path."),
+    scale: str = typer.Option("quick", "--scale", help="quick (2-core CPU, minutes) or full "
+                                                      "(the papers' sizes, for a GPU)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    results: Path = typer.Option(Path("results"), "--results",
+                                 help="Results directory: tables and plots under "
+                                      "<results>/<scale>/<spec>/, victims under artifacts/."),
+    store: Optional[str] = typer.Option(None, "--store", help="Run store: a path or SQLAlchemy "
+                                                             "URL (default <results>/runs.db)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray."),
+    address: Optional[str] = typer.Option(None, "--address",
+                                          help="Ray cluster address (ray engine; 'auto' joins "
+                                               "a running cluster; default: a local Ray)."),
+    cpus: float = typer.Option(1.0, "--cpus-per-task", help="CPUs per Ray task."),
+    gpus: float = typer.Option(0.0, "--gpus-per-task", help="GPUs (or a fraction) per Ray "
+                                                          "task."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per worker."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Datasets folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cells; run "
+                                                          "nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Run a spec's grid (resumable: stored cells are skipped), then write its table and plots."""
+    from stealguard.reproduce.runner import plan, reproduce
+    from stealguard.reproduce.spec import load_spec
+    from stealguard.reproduce.store import RunStore
+
+    s = load_spec(spec)
+    if dry_run:
+        rs = RunStore(store or results / "runs.db")
+        try:
+            p = plan(s, scale, rs, data_root=data_root)
+        finally:
+            rs.close()
+        print(f"{s.name} ({scale}): {len(p.cells)} cells, {len(p.stored)} stored, "
+              f"{len(p.missing)} need data, {len(p.todo)} to run")
+        for k, names in p.missing.items():
+            print(f"  needs data {', '.join(names)}: cell {k}")
+        return
+    options = ({"address": address, "num_cpus": cpus, "num_gpus": gpus}
+               if engine == "ray" else {})
+    report = reproduce(s, scale=scale, results=results, store=store, device=device,
+                       data_root=data_root, engine=engine, engine_options=options,
+                       threads=threads, progress=not as_json)
+    figures = {"spec": report.spec, "scale": report.scale, "cells": report.cells,
+               "ran": report.ran, "stored_before": report.skipped_stored,
+               "need_data": report.missing_data, "failed": len(report.failed),
+               "seconds": round(report.seconds, 1),
+               "outputs": [str(p) for p in report.outputs]}
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        for k, v in figures.items():
+            print(f"{k}: {v}")
+        for key, err in report.failed:
+            print(f"failed cell {key}: {err}", file=sys.stderr)
+    if report.failed:
+        raise StealguardError(f"{len(report.failed)} cell(s) failed (listed above); the others "
+                              "are stored; run the command again to retry the failed ones")
+
+
+def specs_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the packaged experiment specs (one per table or figure of the two papers)."""
+    from stealguard.reproduce.spec import load_spec, spec_names
+
+    rows = []
+    for name in spec_names():
+        s = load_spec(name)
+        rows.append({"name": name, "paper": s.paper, "ref": s.ref, "task": s.task,
+                     "title": s.title})
+    if as_json:
+        print(json.dumps({"specs": rows}))
+        return
+    for r in rows:
+        print(f"{r['name']:<16} {r['paper'].upper():<4} {r['ref']:<12} {r['title']}")
+
+
+def headline_command(
+    results: Path = typer.Option(Path("results"), "--results", help="Results directory."),
+    scale: str = typer.Option("quick", "--scale", help="quick or full."),
+    store: Optional[str] = typer.Option(None, "--store", help="Run store (default "
+                                                             "<results>/runs.db)."),
+    readme: Optional[Path] = typer.Option(None, "--readme", help="Rewrite the headline "
+                                                                "section of this README."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Datasets folder."),
+) -> None:
+    """The README's headline table (EDM Table 3, MAD Fig. 3/4 points) from the run store."""
+    from stealguard.reproduce.headline import headline, write_readme
+
+    text = headline(results=results, scale=scale, store=store, data_root=data_root)
+    if readme is not None:
+        write_readme(readme, text)
+        print(f"{readme}: headline section rewritten")
+    else:
+        print(text, end="")

@@ -1,0 +1,136 @@
+"""`task: steal`: attack a (defended) victim through a black box and measure the clone.
+
+The cell of most tables in both papers (EDM Tables 2-7, MAD Figures 3-5, 8, 9, A2, A6):
+
+    victim    how the target is trained (standard, edm, ensemble, dp_sgd, outlier_exposure)
+    defense   an output defense on top of it ({name, params}; `none` by default)
+    attack    a registered attack, its data (`queries`, read from `queries_split`), `budget`
+    options   the attacker's options (labels soft/hard, clone arch, nquery, ...)
+    clone     the clone's training (TrainConfig)
+
+Metrics: clone_accuracy, normalized_accuracy (acc(C) / acc(V), the papers' "0.52x"),
+agreement, victim_accuracy (the target's own, undefended), defender_accuracy (with the
+defense on), and with a defense the mean/std L1, L2 and KL perturbation and the fraction of
+changed argmaxes on the victim's test set (MAD paper's utility axes). All percentages are
+fractions in [0, 1].
+
+Determinism: the victim's training, the attack and the clone are seeded, and a keyed
+defense's secret is derived from the cell's seed, so the same cell gives the same numbers
+in any process (the local and the Ray engines store identical rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from stealguard.attacks import ATTACKS, parse_options
+from stealguard.data import DATASETS
+from stealguard.defenses import DEFENSES, build_defense
+from stealguard.defenses.base import validate_params
+from stealguard.defenses.metrics import defense_metrics
+from stealguard.pipeline import steal, test_set_for
+from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
+from stealguard.reproduce.victims import VictimConfig
+from stealguard.training import TrainConfig
+
+
+class DefenseConfig(BaseModel):
+    """An output defense by registered name, with its typed parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> DefenseConfig:
+        params_cls = getattr(DEFENSES.get(self.name), "Params", None)
+        if params_cls is not None:
+            validate_params(self.name, params_cls, self.params)
+        return self
+
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+
+
+def defense_key(seed: int) -> bytes:
+    """The secret of a keyed defense in an experiment: fixed by the cell's seed."""
+    return hashlib.sha256(f"stealguard-reproduce-defense-{seed}".encode()).digest()
+
+
+class StealCell(CellBase):
+    victim: VictimConfig
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
+    attack: str = "knockoff"
+    queries: str
+    queries_split: str = "train"
+    budget: int = Field(ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    clone: TrainConfig | None = Field(None, description="the clone's training; for the "
+                                      "Jacobian family, each round's (None: the preset's)")
+    preset: Literal["edm", "mad"] = "edm"
+    jacobian: dict[str, Any] | None = None
+    seed_size: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded test subset")
+
+    @field_validator("attack")
+    @classmethod
+    def _known_attack(cls, v: str) -> str:
+        ATTACKS.get(v)
+        return v
+
+    @field_validator("queries")
+    @classmethod
+    def _known_queries(cls, v: str) -> str:
+        if not v.startswith("imagefolder:"):
+            DATASETS.get(v)
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> StealCell:
+        parse_options({"arch": self.victim.arch, **self.options})  # names a bad field
+        jacobian_family = getattr(ATTACKS.get(self.attack), "data_role", "") == "seed_set"
+        if not jacobian_family and (self.jacobian is not None or self.seed_size is not None):
+            raise ValueError(f"jacobian and seed_size are for the Jacobian family (jbda, "
+                             f"jbda_tr, jb_self, jb_top3), not attack {self.attack!r}")
+        return self
+
+
+@TASKS.register("steal")
+class Steal(Task):
+    Cell = StealCell
+
+    @staticmethod
+    def run(cell: Any, ctx: RunContext) -> CellResult:
+        tv = ctx.victim(cell.victim)
+        victim = tv.victim
+        defense = None
+        if cell.defense.name != "none":
+            defense = build_defense(cell.defense.name, cell.defense.params, victim=victim.model,
+                                    key=defense_key(cell.seed), **tv.components)
+        options = {"seed": cell.seed, **cell.options}
+        clone = cell.clone.model_copy(update={"seed": cell.seed}) if cell.clone else None
+        r = steal(victim, attack=cell.attack, data=cell.queries, data_split=cell.queries_split,
+                  budget=cell.budget, options=options, config=clone, preset=cell.preset,
+                  seed_size=cell.seed_size, jacobian=cell.jacobian, defense=defense,
+                  device=ctx.device, data_root=ctx.data_root, progress=ctx.progress)
+        metrics = {k: float(r[k]) for k in ("clone_accuracy", "normalized_accuracy",
+                                             "agreement", "victim_accuracy", "queries")}
+        metrics["defender_accuracy"] = victim.test_accuracy
+        if defense is not None:
+            test = test_set_for(victim, data_root=ctx.data_root)
+            if cell.test_subset:
+                test = test.subset(cell.test_subset, seed=cell.seed)
+            dm = defense_metrics(victim.model, defense, test.images, test.labels,
+                                 device=ctx.device)
+            metrics["defender_accuracy"] = dm["accuracy"]
+            metrics.update({k: dm[k] for k in dm if k.endswith(("_mean", "_std"))})
+            metrics["argmax_changed"] = dm["argmax_changed"]
+        metrics.update({k: float(v) for k, v in tv.info.items()
+                        if isinstance(v, int | float) and k in ("hash_accuracy", "dp_epsilon")})
+        return CellResult(metrics=metrics)
