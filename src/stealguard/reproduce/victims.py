@@ -30,10 +30,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -53,12 +54,23 @@ from stealguard.training import TrainConfig, accuracy
 VICTIMS: Registry[VictimKind] = Registry("victim training")
 
 
+def known_dataset(name: str) -> str:
+    """A registered dataset name or `imagefolder:<path>` (UnknownNameError lists the names)."""
+    if not name.startswith("imagefolder:"):
+        DATASETS.get(name)
+    return name
+
+
+# A cell field naming a dataset: checked when the spec is loaded, before anything runs.
+DatasetName = Annotated[str, AfterValidator(known_dataset)]
+
+
 class VictimConfig(BaseModel):
     """How a victim is trained. Unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str
+    dataset: DatasetName
     arch: str
     training: str = "standard"
     subset: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
@@ -66,13 +78,6 @@ class VictimConfig(BaseModel):
         epochs=20, batch_size=128, optimizer="sgd", lr=0.05))
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the training kind's own parameters")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if not v.startswith("imagefolder:"):
-            DATASETS.get(v)
-        return v
 
     @field_validator("arch")
     @classmethod

@@ -49,7 +49,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from stealguard.attacks.options import image_stats
-from stealguard.data import DATASETS, ImageDataset, load_dataset
+from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.defenses import DEFENSES, MAD, Defense, build_defense
 from stealguard.errors import ConfigError
@@ -57,7 +57,7 @@ from stealguard.models import MODELS, Classifier, build_model
 from stealguard.pipeline import test_set_for
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
 from stealguard.reproduce.tasks.steal import DefenseConfig, defense_key
-from stealguard.reproduce.victims import VictimConfig
+from stealguard.reproduce.victims import DatasetName, VictimConfig
 from stealguard.training import predict, soft_cross_entropy, to_float_images
 
 # the paper's optimisation of each setting (sec. 5.2.3; F.4); iterations: Fig. 7's 50K
@@ -71,7 +71,7 @@ class AngularCell(CellBase):
     victim: VictimConfig
     defense: DefenseConfig
     setting: Literal["whitebox", "blackbox"]
-    queries: str
+    queries: DatasetName
     queries_split: str = "train"
     n: int | None = Field(None, ge=1, description="B distinct query images (None: all)")
     iterations: int | None = Field(None, ge=1, description="SGD steps (or give epochs)")
@@ -83,13 +83,6 @@ class AngularCell(CellBase):
     test_subset: int | None = Field(1000, ge=1, description="victim test images for the loss")
     evals: int = Field(20, ge=1, description="test-loss evaluations over training")
     max_series: int = Field(5000, ge=2, description="cap on the stored angles")
-
-    @field_validator("queries")
-    @classmethod
-    def _known_queries(cls, v: str) -> str:
-        if not v.startswith("imagefolder:"):
-            DATASETS.get(v)
-        return v
 
     @field_validator("attacker_arch")
     @classmethod

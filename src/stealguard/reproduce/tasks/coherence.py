@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
-from stealguard.data import DATASETS, load_dataset
+from stealguard.data import load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.ensemble import EDMPredictor, coherence_on
 from stealguard.errors import ConfigError
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
-from stealguard.reproduce.victims import VictimConfig
+from stealguard.reproduce.victims import DatasetName, VictimConfig
 
 ENSEMBLE_TRAININGS = ("edm", "ensemble")
 
@@ -47,7 +47,7 @@ def thin_sorted(values: torch.Tensor, cap: int) -> list[float]:
 
 class CoherenceCell(CellBase):
     victim: VictimConfig
-    queries: str
+    queries: DatasetName
     queries_split: str = "train"
     n: int | None = Field(None, ge=1, description="seeded subset of the queries (None: all)")
     max_series: int = Field(2000, ge=2, description="cap on the stored sorted values")
@@ -58,13 +58,6 @@ class CoherenceCell(CellBase):
         if v.training not in ENSEMBLE_TRAININGS:
             raise ConfigError(f"coherence needs an ensemble victim (training: "
                               f"{' or '.join(ENSEMBLE_TRAININGS)}), got {v.training!r}")
-        return v
-
-    @field_validator("queries")
-    @classmethod
-    def _known_queries(cls, v: str) -> str:
-        if not v.startswith("imagefolder:"):
-            DATASETS.get(v)
         return v
 
 

@@ -28,12 +28,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from stealguard.data import DATASETS, load_dataset
+from stealguard.data import load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.ensemble import HASHES, EDMPredictor, ImageHash, sorted_index_histogram
 from stealguard.errors import ConfigError
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
-from stealguard.reproduce.victims import VictimConfig
+from stealguard.reproduce.victims import DatasetName, VictimConfig
 
 PAPER_MEMBERS = 5
 
@@ -50,7 +50,7 @@ def histogram_metrics(hist: torch.Tensor) -> dict[str, float]:
 class HashHistogramCell(CellBase):
     hash: Literal["dnn", "dct", "sha1"]
     victim: VictimConfig | None = None
-    images: str
+    images: DatasetName
     images_split: str = "train"
     n_images: int = Field(1000, ge=1)
     n_perturb: int = Field(10_000, ge=1)
@@ -61,8 +61,6 @@ class HashHistogramCell(CellBase):
 
     @model_validator(mode="after")
     def _victim_for_dnn(self) -> HashHistogramCell:
-        if not self.images.startswith("imagefolder:"):
-            DATASETS.get(self.images)
         if self.hash == "dnn" and (self.victim is None or self.victim.training != "edm"):
             raise ConfigError("hash_histogram: hash 'dnn' needs victim: an EDM (training: edm) "
                               "whose secret hash network it analyses")

@@ -30,10 +30,9 @@ import torch
 from pydantic import Field
 
 from stealguard.blackbox import BlackBox, LocalBlackBox
-from stealguard.defenses import build_defense
 from stealguard.pipeline import test_set_for
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
-from stealguard.reproduce.tasks.steal import DefenseConfig, defense_key
+from stealguard.reproduce.tasks.steal import DefenseConfig
 from stealguard.reproduce.victims import VictimConfig
 from stealguard.training import to_float_images
 
@@ -77,8 +76,7 @@ class Runtime(Task):
     def run(cell: Any, ctx: RunContext) -> CellResult:
         tv = ctx.victim(cell.victim)
         victim = tv.victim
-        defense = build_defense(cell.defense.name, cell.defense.params, victim=victim.model,
-                                key=defense_key(cell.seed), **tv.components)
+        defense = cell.defense.build(victim, seed=cell.seed, components=tv.components)
         test = test_set_for(victim, data_root=ctx.data_root)
         x = to_float_images(timing_images(test.images, cell.n, seed=cell.seed))  # (n, C, H, W)
         sides: dict[str, BlackBox] = {

@@ -27,13 +27,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stealguard.attacks import ATTACKS, parse_options
-from stealguard.data import DATASETS
-from stealguard.defenses import DEFENSES, build_defense
+from stealguard.defenses import DEFENSES, Defense, build_defense
 from stealguard.defenses.base import validate_params
 from stealguard.defenses.metrics import defense_metrics
 from stealguard.pipeline import steal, test_set_for
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
-from stealguard.reproduce.victims import VictimConfig
+from stealguard.reproduce.victims import DatasetName, VictimConfig
 from stealguard.training import TrainConfig
 
 
@@ -52,6 +51,13 @@ class DefenseConfig(BaseModel):
             validate_params(self.name, params_cls, self.params)
         return self
 
+    def build(self, victim: Any, *, seed: int, components: dict[str, Any]) -> Defense | None:
+        """The defense on `victim.model` (None for `none`), its secret fixed by `seed`."""
+        if self.name == "none":
+            return None
+        return build_defense(self.name, self.params, victim=victim.model, key=defense_key(seed),
+                             **components)
+
     def label(self) -> str:
         if not self.params:
             return self.name
@@ -67,7 +73,7 @@ class StealCell(CellBase):
     victim: VictimConfig
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     attack: str = "knockoff"
-    queries: str
+    queries: DatasetName
     queries_split: str = "train"
     budget: int = Field(ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -82,13 +88,6 @@ class StealCell(CellBase):
     @classmethod
     def _known_attack(cls, v: str) -> str:
         ATTACKS.get(v)
-        return v
-
-    @field_validator("queries")
-    @classmethod
-    def _known_queries(cls, v: str) -> str:
-        if not v.startswith("imagefolder:"):
-            DATASETS.get(v)
         return v
 
     @model_validator(mode="after")
@@ -109,10 +108,7 @@ class Steal(Task):
     def run(cell: Any, ctx: RunContext) -> CellResult:
         tv = ctx.victim(cell.victim)
         victim = tv.victim
-        defense = None
-        if cell.defense.name != "none":
-            defense = build_defense(cell.defense.name, cell.defense.params, victim=victim.model,
-                                    key=defense_key(cell.seed), **tv.components)
+        defense = cell.defense.build(victim, seed=cell.seed, components=tv.components)
         options = {"seed": cell.seed, **cell.options}
         clone = cell.clone.model_copy(update={"seed": cell.seed}) if cell.clone else None
         r = steal(victim, attack=cell.attack, data=cell.queries, data_split=cell.queries_split,
