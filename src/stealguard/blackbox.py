@@ -21,6 +21,7 @@ from torch import nn
 
 from stealguard.defenses.base import Defense, NoDefense
 from stealguard.errors import ConfigError, InputError, QueryBudgetExceeded
+from stealguard.training import resolve_device
 
 OutputMode = Literal["probs", "topk", "label"]
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
@@ -121,13 +122,13 @@ class LocalBlackBox(BlackBox):
 
     def __init__(
         self, model: nn.Module, *, defense: Defense | None = None, budget: int | None = None,
-        output: str = "probs", k: int = 1, device: str | torch.device = "cpu",
+        output: str = "probs", k: int = 1, device: str | torch.device | None = "cpu",
         batch_size: int = 1024,
     ) -> None:
         super().__init__(budget=budget)
         if output not in OUTPUT_MODES:
             raise ConfigError(f"unknown output mode {output!r}; valid: {', '.join(OUTPUT_MODES)}")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.defense = defense or NoDefense()
         self.output, self.k, self.batch_size = output, k, batch_size

@@ -51,6 +51,13 @@ def _emit(figures: dict[str, Any], as_json: bool, title: str) -> None:
     out.print(table)
 
 
+def _device(device: str) -> str:
+    """Resolve --device once, at the boundary: 'auto' -> 'cuda' or 'cpu'; unknown -> error."""
+    from stealguard.training import resolve_device
+
+    return str(resolve_device(device))
+
+
 def _config(**kw: Any) -> Any:
     from stealguard.training import TrainConfig
 
@@ -85,6 +92,7 @@ def train(
     artifact (safetensors + manifest)."""
     from stealguard.pipeline import save_victim, train_victim
 
+    device = _device(device)
     cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                   weight_decay=weight_decay, augment=augment, seed=seed)
     t0 = time.perf_counter()
@@ -122,6 +130,7 @@ def evaluate(
     from stealguard.pipeline import load_victim, test_set_for
     from stealguard.training import accuracy
 
+    device = _device(device)
     victim = load_victim(artifact)
     test = (test_set_for(victim, data_root=data_root) if dataset is None
             else load_dataset(dataset, "test", data_root=data_root))
@@ -196,6 +205,7 @@ def _attack_command(name: str) -> None:
         from stealguard.artifacts import save_classifier
         from stealguard.pipeline import load_victim, steal
 
+        device = _device(device)
         victim = load_victim(victim_path)
         given = {"epochs": epochs, "optimizer": optimizer, "lr": lr}
         cfg = (None if all(v is None for v in given.values()) else
@@ -267,6 +277,7 @@ def demo(
 
     if scale not in SCALES:
         raise StealguardError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
+    device = _device(device)
     t0 = time.perf_counter()
     rows = run_demo(scale=scale, device=device, data_root=data_root, progress=not as_json)
     seconds = round(time.perf_counter() - t0, 1)

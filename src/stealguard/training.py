@@ -60,11 +60,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' / None -> cuda if available else cpu; a CUDA request without CUDA is an error."""
+    """'auto' / None -> cuda if available else cpu; a CUDA request without CUDA is an error,
+    and so is a name torch does not know ('tpu', 'gpu')."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use --device {DEVICE_CHOICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r}; use --device {DEVICE_CHOICES}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but CUDA is not available; use --device cpu")
     return dev
