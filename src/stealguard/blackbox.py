@@ -8,13 +8,17 @@ budget whole (nothing of it is answered, nothing counted).
     bb = LocalBlackBox(victim, budget=50_000, output="probs")
     y = bb.query(x)          # (B, K)
     bb.queries_used          # == B
+
+With `monitor=` (stealguard.detect), every answered batch is shown to the monitor's
+detectors under the key `client`, and its policy may refuse a flagged client; the answers
+themselves never change.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import nn
@@ -22,6 +26,9 @@ from torch import nn
 from stealguard.defenses.base import Defense, NoDefense
 from stealguard.errors import ConfigError, InputError, QueryBudgetExceeded
 from stealguard.training import resolve_device
+
+if TYPE_CHECKING:
+    from stealguard.detect.monitor import Monitor
 
 OutputMode = Literal["probs", "topk", "label"]
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
@@ -83,6 +90,8 @@ class BlackBox(ABC):
         self.budget = budget
         self.queries_used = 0
         self._lock = threading.Lock()
+        self.monitor: Monitor | None = None  # stealing detectors (stealguard.detect)
+        self.client = "local"  # the key the monitor files this black box's queries under
 
     @property
     def remaining(self) -> int | None:
@@ -92,16 +101,21 @@ class BlackBox(ABC):
         """(B, C, H, W) images in [0, 1] -> (B, K) answers; counts B queries."""
         x = validate_images(x, self.input_shape)
         n = int(x.shape[0])
+        if self.monitor is not None:  # a policy may refuse a flagged client (nothing counted)
+            self.monitor.admit(self.client, n)
         with self._lock:  # reserve the rows before answering, so concurrent callers can't overshoot
             if self.budget is not None and self.queries_used + n > self.budget:
                 raise QueryBudgetExceeded(n, self.queries_used, self.budget)
             self.queries_used += n
         try:
-            return self._answer(x)
+            out = self._answer(x)
         except BaseException:
             with self._lock:  # nothing answered: give the reservation back
                 self.queries_used -= n
             raise
+        if self.monitor is not None:  # the detectors see the answered batch; answers unchanged
+            self.monitor.observe(self.client, x)
+        return out
 
     @abstractmethod
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +137,10 @@ class LocalBlackBox(BlackBox):
     def __init__(
         self, model: nn.Module, *, defense: Defense | None = None, budget: int | None = None,
         output: str = "probs", k: int = 1, device: str | torch.device | None = "cpu",
-        batch_size: int = 1024,
+        batch_size: int = 1024, monitor: Monitor | None = None, client: str = "local",
     ) -> None:
         super().__init__(budget=budget)
+        self.monitor, self.client = monitor, client
         if output not in OUTPUT_MODES:
             raise ConfigError(f"unknown output mode {output!r}; valid: {', '.join(OUTPUT_MODES)}")
         self.device = resolve_device(device)

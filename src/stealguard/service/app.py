@@ -34,10 +34,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 from stealguard import __version__
 from stealguard.blackbox import format_output
 from stealguard.defenses.base import Defense, NoDefense
+from stealguard.detect.monitor import Monitor
+from stealguard.detect.policy import DetectionRefusal
 from stealguard.errors import ConfigError, InputError, QueryBudgetExceeded
 from stealguard.service.batching import MicroBatcher
 from stealguard.service.codec import decode_request, image_hashes, parse_request, request_schema
@@ -96,7 +99,7 @@ class ErrorResponse(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what} for code, what in (
         (400, "Malformed JSON, bad base64, or bytes that are not an image"),
-        (401, "Missing or unknown API key"), (403, "Revoked API key"),
+        (401, "Missing or unknown API key"), (403, "Revoked API key, or a key locked by the detection policy"),
         (413, "Body over the size limit, or more images than the per-request limit"),
         (415, "An image format other than PNG or JPEG"),
         (422, "Wrong image size, channels, value range, NaN/inf, or fields"),
@@ -116,6 +119,7 @@ class Service:
     store: KeyStore
     limits: Limits
     device: torch.device
+    monitor: Monitor | None = None
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,27 +139,34 @@ class Service:
         """Parse, check and charge a request: (B, C, H, W) images and their charge."""
         req = parse_request(raw)
         x = decode_request(req, self.served.input_shape, max_images=self.limits.max_images)
+        if self.monitor is not None:  # the detection policy (403 / 429, nothing counted)
+            self.monitor.admit(key.id, int(x.shape[0]))
         return x, self.store.charge(key, image_hashes(x))
 
 
 def create_app(
     model: Any, *, defense: Defense | None = None, store: KeyStore | str | Path | None = None,
     limits: Limits | None = None, classes: list[str] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", monitor: Monitor | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model` (a ServedModel, or any object with input_shape,
     num_classes and predict_proba or forward) behind `defense`, with keys in `store`
-    (a KeyStore, a SQLite path, or a SQLAlchemy URL; default: the user data folder)."""
+    (a KeyStore, a SQLite path, or a SQLAlchemy URL; default: the user data folder).
+    monitor: stealing detectors (stealguard.detect) that see every answered batch after
+    its response is sent, and whose policy may refuse a flagged key."""
     served = ServedModel.wrap(model, classes=classes)
     limits = limits or Limits()
     own_store = not isinstance(store, KeyStore)
     key_store = store if isinstance(store, KeyStore) else KeyStore(store)
-    svc = Service(served, defense or NoDefense(), key_store, limits, torch.device(device))
+    svc = Service(served, defense or NoDefense(), key_store, limits, torch.device(device),
+                  monitor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         svc.batcher.close()
+        if monitor is not None:
+            monitor.close()
         if own_store:
             key_store.close()
 
@@ -182,7 +193,9 @@ def create_app(
         except Exception:  # not answered: give the images back (a cancelled request stays
             await run_in_threadpool(key_store.refund, charge)  # counted: it may be answered)
             raise
-        return Response(body, media_type="application/json")
+        # the detectors see the batch after the response is sent; the response is the same
+        observe = (BackgroundTask(monitor.observe, key.id, x) if monitor is not None else None)
+        return Response(body, media_type="application/json", background=observe)
 
     @app.get("/v1/info", response_model=InfoResponse, responses=_ERRORS)
     def info(key: Key) -> InfoResponse:
@@ -246,6 +259,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _budget(_: Request, e: QueryBudgetExceeded) -> JSONResponse:
         return JSONResponse({"detail": str(e), "requested": e.requested, "used": e.used,
                              "budget": e.budget}, 429)
+
+    @app.exception_handler(DetectionRefusal)
+    async def _detected(_: Request, e: DetectionRefusal) -> JSONResponse:
+        headers = ({"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+                   if e.retry_after is not None else {})
+        return JSONResponse({"detail": str(e)}, e.status, headers=headers)
 
     @app.exception_handler(InputError)
     async def _input(_: Request, e: InputError) -> JSONResponse:
