@@ -173,7 +173,7 @@ def test_the_router_answers_as_the_single_process_service(tmp_path, kind, defens
     n = ray_serve.describe_artifact(artifact).members
     handles = [LocalHandle(ray_serve.MemberModel(str(artifact), i, threads=1)) for i in range(n)]
     router = ray_serve.Router(str(artifact), handles,
-                              ray_serve.DefenseSpec(defense, params, key=key), threads=1)
+                              ray_serve.DefenseConfig(name=defense, params=params, key=key), threads=1)
     store = KeyStore(tmp_path / "local.db")
     _, secret = store.create_key()
     x, _ = quadrant_images(32, seed=3)
@@ -258,14 +258,14 @@ def test_bad_deployments_are_refused_before_ray_runs_them(deployed, tmp_path):
     with pytest.raises(ConfigError, match="in-memory key store cannot be shared"):
         deploy(store="sqlite://")
     with pytest.raises(ConfigError, match="epsilon"):
-        deploy(defense=ray_serve.DefenseSpec("mad", {"epsilon": "-1"}))
+        deploy(defense=ray_serve.DefenseConfig(name="mad", params={"epsilon": "-1"}))
     with pytest.raises(ConfigError, match=r"need 4 CPUs \(1 per replica\) and this Ray has 2"):
         deploy(options=ray_serve.RayOptions(num_cpus=1.0, app_name="too-big"))
     manifest = json.loads((deployed.classifier / "manifest.json").read_text())
     other = tmp_path / "other"
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({**manifest, "format": "acme.model"}))
-    with pytest.raises(ArtifactError, match="format 'acme.model' cannot be served with Ray"):
+    with pytest.raises(ArtifactError, match="format 'acme.model' cannot be served; servable formats"):
         deploy(other)
     from ray import serve
 

@@ -18,38 +18,21 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from stealguard.defenses.base import Defense, NoDefense
+from stealguard.defended import OUTPUT_MODES, DefendedPredictor, OutputMode, format_output
+from stealguard.defenses.base import Defense
 from stealguard.errors import ConfigError, InputError, QueryBudgetExceeded
 from stealguard.training import resolve_device
+from stealguard.victim import predict_proba
 
 if TYPE_CHECKING:
     from stealguard.detect.monitor import Monitor
 
-OutputMode = Literal["probs", "topk", "label"]
-OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
-
-
-def format_output(probs: torch.Tensor, mode: str, k: int = 1) -> torch.Tensor:
-    """Turn (B, K) probabilities into what an API in `mode` returns, (B, K).
-
-    topk keeps the k largest probabilities and renormalises them to sum to 1 (our choice:
-    the papers' top-k baseline does not say; renormalising keeps every answer a distribution).
-    label returns the one-hot argmax.
-    """
-    if mode == "probs":
-        return probs
-    if mode == "label":
-        return nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-    if mode == "topk":
-        vals, idx = probs.topk(min(k, probs.shape[1]), dim=1)  # (B, k)
-        out = torch.zeros_like(probs).scatter_(1, idx, vals)
-        return out / out.sum(1, keepdim=True).clamp_min(1e-12)
-    raise ConfigError(f"unknown output mode {mode!r}; valid: {', '.join(OUTPUT_MODES)}")
+__all__ = ["OUTPUT_MODES", "BlackBox", "DefendedPredictor", "LocalBlackBox", "OutputMode",
+           "format_output", "predict_proba", "validate_images"]
 
 
 def validate_images(x: object, input_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -122,42 +105,24 @@ class BlackBox(ABC):
         """Answer a validated batch (B, C, H, W) -> (B, K)."""
 
 
-def predict_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, K) probabilities. Models with their own `predict_proba` (an EDM
-    ensemble routes each image to one member) are asked directly; others return logits."""
-    own = getattr(model, "predict_proba", None)
-    if callable(own):
-        return own(x)
-    return torch.softmax(model(x).float(), dim=1)
-
-
 class LocalBlackBox(BlackBox):
-    """A model in this process (optionally defended) behind the query interface."""
+    """A model in this process (optionally defended) behind the query interface: a budget in
+    front of a `DefendedPredictor` (which computes every answer)."""
 
     def __init__(
-        self, model: nn.Module, *, defense: Defense | None = None, budget: int | None = None,
+        self, model: Any, *, defense: Defense | None = None, budget: int | None = None,
         output: str = "probs", k: int = 1, device: str | torch.device | None = "cpu",
         batch_size: int = 1024, monitor: Monitor | None = None, client: str = "local",
     ) -> None:
         super().__init__(budget=budget)
         self.monitor, self.client = monitor, client
-        if output not in OUTPUT_MODES:
-            raise ConfigError(f"unknown output mode {output!r}; valid: {', '.join(OUTPUT_MODES)}")
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
-        self.defense = defense or NoDefense()
-        self.output, self.k, self.batch_size = output, k, batch_size
-        self.input_shape = tuple(model.input_shape)  # type: ignore[assignment]
-        self.num_classes = int(model.num_classes)  # type: ignore[arg-type]
+        self.predictor = DefendedPredictor(model, defense, output=output, k=k,
+                                           device=resolve_device(device), batch_size=batch_size)
+        self.model, self.defense = self.predictor.model, self.predictor.defense
+        self.device, self.output, self.k = self.predictor.device, output, k
+        self.batch_size = batch_size
+        self.input_shape = self.predictor.input_shape
+        self.num_classes = self.predictor.num_classes
 
-    @torch.no_grad()
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for xb in x.split(self.batch_size):
-            xb = xb.to(self.device, non_blocking=True)
-            probs = predict_proba(self.model, xb)  # (b, K)
-            probs = self.defense(xb, probs)
-            outs.append(format_output(probs, self.output, self.k).float().cpu())
-        if not outs:
-            return torch.zeros(0, self.num_classes)
-        return torch.cat(outs)
+        return self.predictor.predict_proba(x)

@@ -90,27 +90,27 @@ def train(
 ) -> None:
     """Train a victim (one model, or with --defense edm an EDM ensemble) and save it as an
     artifact (safetensors + manifest)."""
-    from stealguard.pipeline import save_victim, train_victim
+    from stealguard.formats import save_victim
+    from stealguard.pipeline import train_victim
 
     device = _device(device)
     cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                   weight_decay=weight_decay, augment=augment, seed=seed)
     t0 = time.perf_counter()
     if defense == "edm":
-        from stealguard.ensemble import save_edm_victim, train_edm
+        from stealguard.ensemble import train_edm
 
         victim = train_edm(dataset, arch, cfg, members=members, lambda_d=lambda_d, ood=ood,
                            hash_task=hash_task, data_root=data_root, train_subset=train_subset,
                            device=device, progress=not as_json)
-        save_edm_victim(victim, out_dir)
     elif defense == "none":
         victim = train_victim(dataset, arch, cfg, data_root=data_root,
                               train_subset=train_subset, device=device, progress=not as_json)
-        save_victim(victim, out_dir)
     else:
         raise StealguardError(f"unknown training defense {defense!r}; valid: none, edm "
                               "(output defenses are applied at query time: --defense on "
                               "attack, evaluate and serve)")
+    save_victim(victim, out_dir)  # the artifact format that handles the trained model
     _emit({"dataset": dataset, "arch": arch, "defense": defense,
            "test_accuracy": victim.test_accuracy,
            "seconds": round(time.perf_counter() - t0, 1), "artifact": str(out_dir)},
@@ -127,14 +127,16 @@ def evaluate(
     """Report an artifact's accuracy on a test split (the final model, as saved); with
     --defense, the defender's accuracy with it on and the size of its perturbations."""
     from stealguard.data import load_dataset
-    from stealguard.pipeline import load_victim, test_set_for
+    from stealguard.formats import load_victim
+    from stealguard.pipeline import test_set_for
     from stealguard.training import accuracy
+    from stealguard.victim import describe
 
     device = _device(device)
     victim = load_victim(artifact)
     test = (test_set_for(victim, data_root=data_root) if dataset is None
             else load_dataset(dataset, "test", data_root=data_root))
-    figures: dict[str, Any] = {"artifact": str(artifact), "arch": victim.model.arch,
+    figures: dict[str, Any] = {"artifact": str(artifact), "arch": describe(victim.model),
                                "dataset": test.name, "test_images": len(test)}
     d = _defense(victim.model, defense, defense_param)
     if d is None:
@@ -151,13 +153,10 @@ def evaluate(
 
 def _defense(victim_model: Any, name: Optional[str], params: list[str]) -> Any:
     """--defense NAME --defense-param k=v ... -> a Defense bound to the victim, or None."""
-    if name is None:
-        if params:
-            raise StealguardError("--defense-param given without --defense")
-        return None
-    from stealguard.defenses import build_defense, parse_defense_params
+    from stealguard.defenses import DefenseConfig
 
-    return build_defense(name, parse_defense_params(params), victim=victim_model)
+    cfg = DefenseConfig.from_cli(name, params)  # refuses --defense-param without --defense
+    return None if name is None else cfg.build(victim_model)
 
 
 def _parse_options(items: list[str]) -> dict[str, str]:
@@ -203,7 +202,8 @@ def _attack_command(name: str) -> None:
         as_json: bool = Json,
     ) -> None:
         from stealguard.artifacts import save_classifier
-        from stealguard.pipeline import load_victim, steal
+        from stealguard.formats import load_victim
+        from stealguard.pipeline import steal
 
         device = _device(device)
         victim = load_victim(victim_path)

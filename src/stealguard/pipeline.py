@@ -7,30 +7,24 @@ printed by `stealguard demo` and one stored by a sweep are computed the same way
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stealguard.artifacts import load_classifier, save_classifier
 from stealguard.attacks import ATTACKS, build_attack
 from stealguard.blackbox import BlackBox, LocalBlackBox
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.defenses import Defense
+from stealguard.formats import load_victim, save_victim
 from stealguard.metrics import clone_metrics
-from stealguard.models import Classifier, build_model
+from stealguard.models import build_model
 from stealguard.training import TrainConfig, accuracy, train
+from stealguard.victim import Victim, clone_arch
 
-
-@dataclass
-class Victim:
-    model: Classifier
-    dataset: str
-    classes: list[str]
-    test_accuracy: float
-    train_config: dict[str, Any]
+__all__ = ["Victim", "load_victim", "save_victim", "steal", "steal_knockoff", "test_set_for",
+           "train_victim"]
 
 
 def train_victim(
@@ -53,30 +47,11 @@ def train_victim(
     return Victim(model.cpu(), dataset, train_set.classes, acc, config.model_dump())
 
 
-def save_victim(victim: Victim, out: str | Path, **extra_metrics: Any) -> Path:
-    return save_classifier(
-        out, victim.model, dataset=victim.dataset, classes=victim.classes,
-        train_config=victim.train_config,
-        metrics={"test_accuracy": victim.test_accuracy, **extra_metrics},
-    )
-
-
-def load_victim(path: str | Path) -> Victim:
-    """A classifier artifact or an EDM bundle (told apart by the manifest's format)."""
-    from stealguard.ensemble import is_edm_bundle, load_edm_victim  # lazy: ensemble imports us
-
-    if is_edm_bundle(path):
-        return load_edm_victim(path)
-    model, manifest = load_classifier(path)
-    return Victim(model, manifest.dataset, manifest.classes,
-                  float(manifest.metrics.get("test_accuracy", float("nan"))), manifest.train_config)
-
-
 def test_set_for(victim: Victim, *, data_root: str | Path | None = None) -> ImageDataset:
     """The victim's test split, shaped as the victim's input."""
     ds = load_dataset(victim.dataset, "test", data_root=data_root)
     c, h, _ = victim.model.input_shape
-    if ds.image_shape != victim.model.input_shape:
+    if ds.image_shape != tuple(victim.model.input_shape):
         ds = ImageDataset(ds.name, ds.split, to_shape(ds.images, c, h), ds.labels, ds.classes,
                           ds.mean, ds.std)
     return ds
@@ -101,7 +76,9 @@ def steal(
     jacobian: overrides of the Jacobian family's preset (rounds, step, ...).
     """
     images = load_dataset(data, data_split, data_root=data_root)
-    opts = {"arch": victim.model.arch, **dict(options or {})}
+    opts = dict(options or {})
+    if "arch" not in opts:  # the victim's, or a registered default (with a warning)
+        opts["arch"] = clone_arch(victim.model)
     role = getattr(ATTACKS.get(attack), "data_role", "surrogate")
     extra = {"jacobian": jacobian} if jacobian is not None else {}
     atk = build_attack(attack, **{role: images}, options=opts, config=config, preset=preset,

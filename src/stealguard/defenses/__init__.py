@@ -30,6 +30,7 @@ from stealguard.defenses.base import (
     check_probs,
 )
 from stealguard.defenses.builder import build_defense, describe_defenses, parse_defense_params
+from stealguard.defenses.config import DefenseConfig
 from stealguard.defenses.distances import DISTANCES
 from stealguard.defenses.mad import MAD, MADArgmax
 from stealguard.defenses.metrics import defense_metrics
@@ -40,7 +41,7 @@ from stealguard.defenses.topk import TopK
 
 __all__ = [
     "DEFENSES", "DISTANCES", "MAD", "AdaptiveMisinformation", "Budget", "CheckedDefense",
-    "Compose", "Defense", "DefenseParams", "MADArgmax", "NoDefense", "RandomNoise",
+    "Compose", "Defense", "DefenseConfig", "DefenseParams", "MADArgmax", "NoDefense", "RandomNoise",
     "ReverseSigmoid", "Rounding", "TopK", "build_defense", "check_probs", "defense_metrics",
     "describe_defenses", "parse_defense_params", "train_misinformation",
     "train_outlier_exposure",

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -72,10 +73,12 @@ from stealguard.defenses.jacobian import full_gram, last_layer_gram
 from stealguard.defenses.keyed import keyed_uniform, new_key
 from stealguard.errors import ConfigError
 from stealguard.models import build_model
+from stealguard.victim import has_head
 
 SEED_OFFSET = 0x4D4144  # "MAD": keeps surrogate seed 0 apart from a victim initialised with seed 0
 TIE_BREAK = 1e-5  # extra mass on the top class of an argmax vertex (the authors' code)
 MAX_EXHAUSTIVE_K = 10  # MAD-argmax searches all 2^(K-1) vertices up to here, else greedily
+DEFAULT_SURROGATE_ARCH = "conv3"  # for a victim with no architecture to copy (ONNX)
 
 
 class MADParams(DefenseParams):
@@ -202,15 +205,24 @@ def build_surrogate(arch: str, *, in_channels: int, image_size: int, num_classes
 
 
 def surrogate_like(victim: nn.Module, *, arch: str | None, seed: int) -> nn.Module:
-    """A surrogate with the victim's input shape, classes and normalisation."""
+    """A surrogate with the victim's input shape, classes and normalisation: a random model
+    of `arch`, else of the victim's registered architecture, else a randomly re-initialised
+    copy of the victim (a module brought in with `stealguard.wrap`), else (an ONNX model: no
+    architecture to copy) DEFAULT_SURROGATE_ARCH, with a warning."""
     arch = arch or getattr(victim, "arch", None)
     if arch is None:
-        raise ConfigError("mad: the victim has no `arch`; set surrogate_arch=<model name>")
+        random_copy = getattr(victim, "random_copy", None)
+        if callable(random_copy):
+            return random_copy(seed)
+        arch = DEFAULT_SURROGATE_ARCH
+        warnings.warn(f"mad: the victim ({type(victim).__name__}) has no architecture to "
+                      f"copy; its surrogate is a random {arch!r} (choose one with "
+                      f"surrogate_arch=<model name>)", UserWarning, stacklevel=3)
     norm = getattr(victim, "normalize", None)
     mean = norm.mean.flatten().tolist() if norm is not None else None
     std = norm.std.flatten().tolist() if norm is not None else None
-    return build_surrogate(arch, in_channels=int(victim.in_channels),  # type: ignore[arg-type]
-                           image_size=int(victim.image_size),  # type: ignore[arg-type]
+    c, h, _ = tuple(victim.input_shape)  # type: ignore[arg-type]
+    return build_surrogate(arch, in_channels=int(c), image_size=int(h),
                            num_classes=int(victim.num_classes),  # type: ignore[arg-type]
                            mean=mean, std=std, seed=seed)
 
@@ -261,12 +273,12 @@ class VictimFeatureSurrogate(nn.Module):
     def __init__(self, victim: nn.Module, *, seed: int = 0) -> None:
         super().__init__()
         kind = type(victim).__name__
-        if not callable(getattr(victim, "forward_features", None)) or not isinstance(
-                getattr(victim, "classifier", None), nn.Linear):
+        if not has_head(victim):
+            why = getattr(victim, "no_head_reason", "an EDM ensemble answers each query with "
+                          "one member, so there is no single feature map")
             raise ConfigError(
                 "MAD surrogate_features='victim' needs a victim with forward_features(x) and a "
-                f"linear classifier; {kind} has none (an EDM ensemble answers each query with "
-                "one member, so there is no single feature map): use surrogate_features=own")
+                f"linear classifier; {kind} has none ({why}): use surrogate_features=own")
         linear: nn.Linear = victim.classifier  # type: ignore[assignment]
         if getattr(victim, "arch", None) is not None:
             head = surrogate_like(victim, arch=None, seed=seed).classifier
@@ -334,6 +346,12 @@ class MAD(CheckedDefense):
         self.epsilon, self.dist, self.jacobian = p.epsilon, p.dist, p.jacobian
         self.ystar, self.objective, self.chunk_size = p.ystar, p.objective, p.chunk_size
         self.surrogate_arch, self.surrogate_seed = p.surrogate_arch, p.surrogate_seed
+        if p.jacobian == "last_layer" and surrogate is not None and not has_head(surrogate):
+            raise ConfigError(
+                f"defense {self.name!r}: jacobian='last_layer' needs a surrogate with "
+                f"forward_features(x) and a linear classifier; {type(surrogate).__name__} has "
+                "none (for a wrapped module: name its final nn.Linear with "
+                "wrap(..., last_layer=...)); or use jacobian='full'")
         self.surrogate = surrogate.eval().requires_grad_(False) if surrogate is not None else None
         self.budget = Budget(p.dist, p.epsilon)
         self._key = key if key is not None else new_key()

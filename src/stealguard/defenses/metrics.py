@@ -18,6 +18,7 @@ from torch import nn
 from stealguard.defenses.base import Defense
 from stealguard.defenses.distances import DISTANCES
 from stealguard.errors import InputError
+from stealguard.victim import predict_proba
 
 
 def defense_metrics(
@@ -29,7 +30,6 @@ def defense_metrics(
     images: (N, C, H, W) uint8 or float in [0, 1]; labels: (N,). KL is +inf for rows where
     the defense zeroes a class the model gave mass to (top-k, rounding).
     """
-    from stealguard.blackbox import predict_proba  # here: blackbox imports this package
     from stealguard.training import to_float_images
 
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:

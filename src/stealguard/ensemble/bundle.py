@@ -222,18 +222,40 @@ def _load_hash(path: Path, spec: HashSpec):  # type: ignore[no-untyped-def]
         raise ArtifactError(f"{path}: inconsistent hash parameters: {e}") from None
 
 
+def _load_member(path: Path, manifest: EDMManifest, index: int) -> Classifier:
+    n = len(manifest.members)
+    if not 0 <= index < n:
+        raise ConfigError(f"{path} has {n} members; no member {index}")
+    spec = manifest.members[index]
+    if (spec.arch, tuple(spec.input_shape), spec.num_classes) != (
+            manifest.arch, tuple(manifest.input_shape), manifest.num_classes):
+        raise ArtifactError(f"{path}: member {index} of {n} does not match the bundle's "
+                            f"architecture, input shape or classes")
+    return _load_net(path, spec, f"member {index} of {n}")
+
+
+def load_member(path: str | Path, index: int) -> Classifier:
+    """Member `index` of the bundle alone, checked (a Ray member replica loads only its own)."""
+    path = Path(path)
+    return _load_member(path, read_edm_manifest(path), index)
+
+
+def load_selector(path: str | Path) -> Any:
+    """The bundle's secret member selector (an ImageHash), checked against the members."""
+    path = Path(path)
+    manifest = read_edm_manifest(path)
+    hash_fn = _load_hash(path, read_hash_spec(path, manifest))
+    if isinstance(hash_fn, DNNHash) and hash_fn.input_shape != tuple(manifest.input_shape):
+        raise ArtifactError(f"{path}: the hash network takes {hash_fn.input_shape} images, the "
+                            f"members take {tuple(manifest.input_shape)}")
+    return hash_fn
+
+
 def load_edm(path: str | Path) -> tuple[EDMPredictor, EDMManifest]:
     """Load a bundle; every file is checked before the predictor is built. Eval mode."""
     path = Path(path)
     manifest = read_edm_manifest(path)
-    n = len(manifest.members)
-    members = []
-    for i, spec in enumerate(manifest.members):
-        if (spec.arch, spec.input_shape, spec.num_classes) != (
-                manifest.arch, manifest.input_shape, manifest.num_classes):
-            raise ArtifactError(f"{path}: member {i} of {n} does not match the bundle's "
-                                f"architecture, input shape or classes")
-        members.append(_load_net(path, spec, f"member {i} of {n}"))
+    members = [_load_member(path, manifest, i) for i in range(len(manifest.members))]
     hash_fn = _load_hash(path, read_hash_spec(path, manifest))
     try:
         edm = EDMPredictor(members, hash_fn=hash_fn)

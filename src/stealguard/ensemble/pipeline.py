@@ -32,8 +32,8 @@ from stealguard.ensemble.joint import train_ensemble
 from stealguard.ensemble.predictor import EDMPredictor
 from stealguard.errors import ConfigError, DatasetNotFoundError
 from stealguard.models import Classifier, build_model
-from stealguard.pipeline import Victim
 from stealguard.training import TrainConfig, accuracy, to_float_images, train
+from stealguard.victim import Victim
 
 
 @dataclass

@@ -33,8 +33,52 @@ from stealguard.ensemble.joint import check_members
 from stealguard.errors import ConfigError, InputError
 from stealguard.models import Classifier
 
+Parts = list[tuple[int, torch.Tensor]]  # (member i, its rows (B_i,) int64) for one batch
 
-class EDMPredictor(nn.Module):
+
+class HashRouting:
+    """Section 4.2's routing, written once: index(x) = H(x) mod N, each member its rows, the
+    answers put back in the batch's order. `EDMPredictor` (members in this process) and the
+    Ray Serve router (members are remote deployments) both route through it. With no hash
+    (`hash_fn=None`, a single model served as one member) every row goes to member 0."""
+
+    hash_fn: ImageHash | None
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+    @property
+    def n_members(self) -> int:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def member_index(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float in [0, 1] -> (B,) int64 member indices in [0, N)."""
+        self._check(x)
+        if self.hash_fn is None:
+            return torch.zeros(x.shape[0], dtype=torch.int64)
+        return self.hash_fn.index(x, members=self.n_members)
+
+    def split(self, x: torch.Tensor) -> Parts:
+        """The batch by member: [(i, rows)], one entry per member that gets any row."""
+        idx = self.member_index(x)  # (B,)
+        return [(i, (idx == i).nonzero().squeeze(1)) for i in idx.unique().tolist()]
+
+    def merge(self, x: torch.Tensor, parts: Parts, answers: Sequence[torch.Tensor]
+              ) -> torch.Tensor:
+        """Row b of the result (B, K) is its member's answer (B_i, K) for x_b."""
+        out = x.new_empty(x.shape[0], self.num_classes)
+        for (_, rows), a in zip(parts, answers):
+            out[rows] = a.to(out.dtype)
+        return out
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
+            c, h, w = self.input_shape
+            raise InputError(f"EDM expects float images (B, {c}, {h}, {w}) in [0, 1], got "
+                             f"{tuple(x.shape)}")
+
+
+class EDMPredictor(nn.Module, HashRouting):
     """N members + a hash; `predict_proba(x)` (B, K) answers, `forward(x)` their logs.
 
     Args:
@@ -45,6 +89,14 @@ class EDMPredictor(nn.Module):
 
     def __init__(self, members: Sequence[Classifier], *, hash_fn: ImageHash) -> None:
         super().__init__()
+        for i, m in enumerate(members):
+            if not isinstance(m, Classifier):
+                raise ConfigError(
+                    f"EDM member {i} is a {type(m).__name__}; members must be models of a "
+                    "registered architecture (EDM trains them jointly on eq. 3 and its bundle "
+                    "rebuilds them by name): register yours with stealguard.register_model and "
+                    "train EDM members of it (an ONNX model cannot be a member: onnxruntime "
+                    "gives no gradients to train it)")
         check_members(members)
         self.members = nn.ModuleList(members)
         if isinstance(hash_fn, DNNHash) and hash_fn.input_shape != tuple(members[0].input_shape):
@@ -67,20 +119,10 @@ class EDMPredictor(nn.Module):
         """The members' input normalisation (public, as a classifier artifact's)."""
         return self.members[0].normalize  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def member_index(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) float in [0, 1] -> (B,) int64 member indices in [0, N)."""
-        self._check(x)
-        return self.hash_fn.index(x, members=self.n_members)
-
     def routed_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, K): row b is member index(x_b)'s logits for x_b."""
-        idx = self.member_index(x)  # (B,)
-        out = x.new_empty(x.shape[0], self.num_classes)
-        for i in idx.unique().tolist():  # one pass per member, over its share of the batch
-            rows = (idx == i).nonzero().squeeze(1)  # (B_i,)
-            out[rows] = self.members[i](x[rows]).to(out.dtype)  # (B_i, K)
-        return out
+        parts = self.split(x)  # one pass per member, over its share of the batch
+        return self.merge(x, parts, [self.members[i](x[rows]) for i, rows in parts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, K) log-probabilities of the routed members."""
@@ -104,9 +146,3 @@ class EDMPredictor(nn.Module):
     def __repr__(self) -> str:
         return (f"EDMPredictor(members={self.n_members} x {self.arch}, input_shape="
                 f"{self.input_shape}, num_classes={self.num_classes}, hash=<secret>)")
-
-    def _check(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            c, h, w = self.input_shape
-            raise InputError(f"EDM expects float images (B, {c}, {h}, {w}) in [0, 1], got "
-                             f"{tuple(x.shape)}")

@@ -63,6 +63,22 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x))
 
 
+def register_model(name: str) -> Callable[[Factory], Factory]:
+    """Register a model factory under `name` (a decorator), so the CLI, specs, clones and EDM
+    members can be built from your own architecture by name:
+
+        @stealguard.register_model("mynet")
+        def mynet(*, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+            return MyNet(in_channels, image_size, num_classes)
+
+    The factory returns a module mapping normalised images (B, C, H, W) to logits (B, K);
+    `build_model` puts the input normalisation in front. For MAD's last-layer form it should
+    also have forward_features(x) (B, D) and `classifier` (nn.Linear D -> K). A name already
+    registered is refused.
+    """
+    return MODELS.register(name)
+
+
 def build_model(
     arch: str, *, in_channels: int, image_size: int, num_classes: int,
     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,

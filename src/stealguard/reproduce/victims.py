@@ -43,13 +43,14 @@ from pydantic import (
     model_validator,
 )
 
-from stealguard.artifacts import load_classifier, save_classifier
 from stealguard.data import DATASETS, load_dataset
 from stealguard.errors import ConfigError
+from stealguard.formats import load_victim, save_victim
 from stealguard.models import MODELS, Classifier, build_model
-from stealguard.pipeline import Victim, load_victim, save_victim, train_victim
+from stealguard.pipeline import train_victim
 from stealguard.registry import Registry
 from stealguard.training import TrainConfig, accuracy
+from stealguard.victim import Victim
 
 VICTIMS: Registry[VictimKind] = Registry("victim training")
 
@@ -284,18 +285,13 @@ class VictimCache:
             self._mem[cfg.key()] = tv
 
     def _save(self, tv: TrainedVictim, path: Path, cfg: VictimConfig) -> None:
-        from stealguard.ensemble import EDMVictim, save_edm_victim
-
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            if isinstance(tv.victim, EDMVictim):
-                save_edm_victim(tv.victim, tmp / "victim")
-            else:
-                save_victim(tv.victim, tmp / "victim")
+            save_victim(tv.victim, tmp / "victim")  # the format that handles the model
             for name, model in tv.components.items():
-                save_classifier(tmp / name, model, dataset=tv.victim.dataset,
-                                classes=tv.victim.classes)
+                save_victim(Victim(model, tv.victim.dataset, tv.victim.classes, float("nan")),
+                            tmp / name)
             (tmp / "done.json").write_text(json.dumps(
                 {"config": cfg.model_dump(mode="json"), "components": sorted(tv.components),
                  "info": tv.info}, indent=2, default=str))
@@ -311,5 +307,5 @@ class VictimCache:
     def _load(path: Path) -> TrainedVictim:
         done = json.loads((path / "done.json").read_text())
         victim = load_victim(path / "victim")
-        comps = {name: load_classifier(path / name)[0] for name in done["components"]}
+        comps = {name: load_victim(path / name).model for name in done["components"]}
         return TrainedVictim(victim, comps, done.get("info", {}))

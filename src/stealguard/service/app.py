@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from stealguard import __version__
-from stealguard.blackbox import format_output
+from stealguard.defended import DefendedPredictor
 from stealguard.defenses.base import Defense, NoDefense
 from stealguard.detect.monitor import Monitor
 from stealguard.detect.policy import DetectionRefusal
@@ -112,7 +112,7 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API
 
 @dataclass
 class Service:
-    """What the endpoints share: the model, its defense, the key store, the batcher."""
+    """What the endpoints share: the defended model, the key store, the batcher."""
 
     served: ServedModel
     defense: Defense
@@ -120,20 +120,19 @@ class Service:
     limits: Limits
     device: torch.device
     monitor: Monitor | None = None
+    predictor: DefendedPredictor = field(init=False)
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.served.model, torch.nn.Module):
-            self.served.model.to(self.device)
+        # the answer is computed as LocalBlackBox computes it; each key's output mode after
+        self.predictor = DefendedPredictor(self.served.model, self.defense, device=self.device,
+                                           batch_size=self.limits.max_batch)
         self.batcher = MicroBatcher(self.answer, max_batch=self.limits.max_batch,
                                     max_wait_s=self.limits.max_wait_s)
 
     def answer(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, H, W) float in [0, 1] -> (R, K) defended probabilities. Batcher thread."""
-        with torch.no_grad():
-            x = x.to(self.device)
-            probs = self.served.predict_proba(x)  # (R, K)
-            return self.defense(x, probs).float().cpu()
+        return self.predictor.defended(x)
 
     def prepare(self, key: ApiKey, raw: bytes) -> tuple[torch.Tensor, Charge]:
         """Parse, check and charge a request: (B, C, H, W) images and their charge."""
@@ -186,7 +185,7 @@ def create_app(
         raw = await _read_body(request, limits.max_body_bytes)
         x, charge = await run_in_threadpool(svc.prepare, key, raw)
         try:
-            out = format_output(await svc.batcher(x), key.output, key.k)  # (B, K)
+            out = svc.predictor.format(await svc.batcher(x), key.output, key.k)  # (B, K)
             body = json.dumps({"outputs": out.tolist(), "output": key.output,
                                "used": charge.used, "remaining": charge.remaining,
                                "request_id": charge.request_id})

@@ -21,6 +21,7 @@ from rich.table import Table
 from stealguard.errors import ConfigError
 
 if TYPE_CHECKING:
+    from stealguard.defenses import DefenseConfig
     from stealguard.service.app import Limits
     from stealguard.service.ray_serve import RayOptions
 
@@ -86,14 +87,14 @@ def serve_command(
     import torch
     import uvicorn
 
-    from stealguard.defenses import build_defense, parse_defense_params
+    from stealguard.defenses import DefenseConfig
     from stealguard.service.app import Limits, create_app
     from stealguard.service.served import load_served_model
     from stealguard.service.store import KeyStore
 
     if engine not in ("local", "ray"):
         raise ConfigError(f"unknown engine {engine!r}; valid: local, ray")
-    params = parse_defense_params(defense_param or [])
+    spec = DefenseConfig.from_cli(defense, defense_param or [], defense_key_file)
     limits = Limits(max_images=max_images, max_body_bytes=int(max_body_mb * 2**20),
                     max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
     if engine == "ray":
@@ -106,16 +107,13 @@ def serve_command(
             member_replicas=member_replicas, router_replicas=router_replicas,
             ingress_replicas=ingress_replicas, num_cpus=num_cpus_per_replica,
             num_gpus=num_gpus_per_member, threads=threads, log_level=log_level)
-        _serve_ray(artifact, defense=defense, params=params, key_file=defense_key_file,
-                   store=store, limits=limits, options=options, address=ray_address,
-                   host=host, port=port)
+        _serve_ray(artifact, defense=spec, store=store, limits=limits, options=options,
+                   address=ray_address, host=host, port=port)
         return
     if threads is not None:
         torch.set_num_threads(threads)
     served = load_served_model(artifact)
-    key = defense_key_file.read_bytes() if defense_key_file is not None else None
-    victim = served.model if isinstance(served.model, torch.nn.Module) else None
-    dfn = build_defense(defense, params, victim=victim, key=key)
+    dfn = spec.build(served.model)
     key_store = KeyStore(store)
     app = create_app(served, defense=dfn, store=key_store, limits=limits, device=device)
     print(f"serving {artifact} ({served.format}, input {served.input_shape}, "
@@ -124,15 +122,12 @@ def serve_command(
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
-def _serve_ray(artifact: Path, *, defense: str, params: dict[str, str], key_file: Path | None,
-               store: str | None, limits: Limits, options: RayOptions, address: str | None,
-               host: str, port: int) -> None:
+def _serve_ray(artifact: Path, *, defense: DefenseConfig, store: str | None, limits: Limits,
+               options: RayOptions, address: str | None, host: str, port: int) -> None:
     """`serve --engine ray`: deploy on Ray Serve, then wait for Ctrl-C."""
     from stealguard.service import ray_serve
 
-    spec = ray_serve.DefenseSpec(defense, params,
-                                 key_file=str(key_file) if key_file is not None else None)
-    url = ray_serve.deploy(artifact, defense=spec, store=store, limits=limits, options=options,
+    url = ray_serve.deploy(artifact, defense=defense, store=store, limits=limits, options=options,
                            address=address, host=host, port=port)
     info = ray_serve.describe_artifact(artifact)
     print(f"serving {artifact} ({info.format}, input {info.input_shape}, {info.num_classes} "

@@ -26,17 +26,22 @@ Choices:
   member index) and loads its weights from disk with the artifact loaders, which check each
   file's size and sha256. The path must therefore be readable on every node (a shared or
   copied folder). The hash network is loaded only by the router replicas.
-- The router reproduces `EDMPredictor.predict_proba` and `Service.answer` step by step (the
-  same hash, members on their rows, float32 softmax, then the defense under no_grad), so the
-  answers equal the single-process service's for the same images and key (to float rounding
-  of the batch composition: 1e-6 in the tests).
-- A defense is built by name in each router replica. Its victim is a fresh model of the
-  artifact's architecture, input shape and normalisation built from the manifest (what MAD's
-  surrogate and top-k's check read; no weights needed). Its key is read from
-  `DefenseSpec.key_file` when given (only the path travels); otherwise the driver draws one
-  key for all router replicas, which Ray then keeps with the deployment's arguments.
-- A plain classifier artifact is served as a one-member ensemble behind the same router (no
-  hash: every row goes to member 0), so it gets replicas and the same front.
+- The router is an EDM predictor whose members are remote handles (`RemoteEnsemble`): the
+  routing (index(x) = H(x) mod N, each member its rows, rows back in order) is
+  `HashRouting`'s, the code `EDMPredictor` runs in one process, and the defense is applied by
+  a `DefendedPredictor`, as in `LocalBlackBox` and the single-process service. So the answers
+  equal the single-process service's for the same images and key (to float rounding of the
+  batch composition: 1e-6 in the tests).
+- A defense is built from a `DefenseConfig` in each router replica. Its victim is the
+  artifact format's stand-in (a fresh model of the manifest's architecture, input shape and
+  normalisation for our formats: what MAD's surrogate and top-k's check read; no weights
+  needed). Its key is read from `key_file` when given (only the path travels); otherwise the
+  driver draws one key for all router replicas, which Ray then keeps with the deployment's
+  arguments.
+- Members and the selector are loaded by the artifact format (`stealguard.formats`): a
+  single-model artifact (classifier, imported module, ONNX) is served as a one-member
+  ensemble behind the same router (no hash: every row goes to member 0), so it gets replicas
+  and the same front.
 - The key store must be one database for all ingress replicas: a SQLite file in WAL mode (a
   path, made absolute here) works for replicas on one node; for several nodes pass a server
   database URL (e.g. postgresql://...). An in-memory store is refused.
@@ -55,26 +60,30 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
 
-from stealguard.artifacts import FORMAT as CLASSIFIER_FORMAT
-from stealguard.artifacts import load_classifier, read_manifest
-from stealguard.defenses import Defense, build_defense
+from stealguard.defended import DefendedPredictor
+from stealguard.defenses.config import DefenseConfig
 from stealguard.defenses.keyed import new_key
-from stealguard.errors import ArtifactError, ConfigError, InputError
-from stealguard.models import build_model
+from stealguard.ensemble.predictor import HashRouting
+from stealguard.errors import ConfigError
+from stealguard.formats import (
+    ArtifactInfo,
+    describe_artifact,
+    load_member,
+    load_selector,
+    load_standin,
+)
 from stealguard.service.app import Limits
-from stealguard.service.served import read_format
 
+__all__ = ["ArtifactInfo", "DefenseConfig", "RayOptions", "RemoteEnsemble", "Router",
+           "build_application", "deploy", "describe_artifact", "require_ray"]
 INSTALL_HINT = "pip install stealguard[ray]"
-EDM_FORMAT = "stealguard.edm"
 ROUTER = "router"
 INGRESS = "ingress"
 
@@ -132,95 +141,6 @@ class RayOptions:
         return replicas * self.num_cpus
 
 
-@dataclass(frozen=True)
-class DefenseSpec:
-    """An output defense by name, built in each router replica (a Defense is never pickled)."""
-
-    name: str = "none"
-    params: Mapping[str, str | float | int | bool] = field(default_factory=dict)
-    key_file: str | None = None  # the secret of keyed defenses, read by each router replica
-    key: bytes | None = None  # or the secret itself (travels with the deployment's arguments)
-
-    def build(self, victim: nn.Module | None) -> Defense:
-        key = Path(self.key_file).read_bytes() if self.key_file is not None else self.key
-        return build_defense(self.name, dict(self.params), victim=victim, key=key)
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    """What the manifest of a classifier or an EDM bundle says (public; no weights read)."""
-
-    format: str
-    arch: str
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    classes: list[str]
-    normalization: dict[str, list[float]]
-    members: int  # N for an EDM bundle; 1 for a classifier
-
-
-def describe_artifact(path: str | Path) -> ArtifactInfo:
-    """The artifact's public facts, from its manifest; ArtifactError for unservable ones."""
-    fmt = read_format(path)
-    m: Any
-    if fmt == CLASSIFIER_FORMAT:
-        m, members = read_manifest(path), 1
-    elif fmt == EDM_FORMAT:
-        from stealguard.ensemble import read_edm_manifest
-
-        m = read_edm_manifest(path)
-        members = len(m.members)
-    else:
-        raise ArtifactError(f"{Path(path)}: artifact format {fmt!r} cannot be served with Ray; "
-                            f"servable formats: {CLASSIFIER_FORMAT}, {EDM_FORMAT}")
-    return ArtifactInfo(fmt, m.arch, tuple(m.input_shape), int(m.num_classes), list(m.classes),
-                        dict(m.normalization), members)
-
-
-def load_member(path: str | Path, index: int) -> nn.Module:
-    """Member `index` of an EDM bundle (or the classifier, index 0), checked, eval mode."""
-    path = Path(path)
-    info = describe_artifact(path)
-    if not 0 <= index < info.members:
-        raise ConfigError(f"{path} has {info.members} member(s); no member {index}")
-    if info.format == CLASSIFIER_FORMAT:
-        return load_classifier(path)[0]
-    from stealguard.ensemble import read_edm_manifest
-    from stealguard.ensemble.bundle import _load_net
-
-    spec = read_edm_manifest(path).members[index]
-    if (spec.arch, tuple(spec.input_shape), spec.num_classes) != (
-            info.arch, info.input_shape, info.num_classes):
-        raise ArtifactError(f"{path}: member {index} of {info.members} does not match the "
-                            f"bundle's architecture, input shape or classes")
-    return _load_net(path, spec, f"member {index} of {info.members}")
-
-
-def load_hash(path: str | Path) -> Any:
-    """The bundle's secret member selector (an ImageHash); None for a classifier."""
-    path = Path(path)
-    info = describe_artifact(path)
-    if info.format == CLASSIFIER_FORMAT:
-        return None
-    from stealguard.ensemble import DNNHash, read_edm_manifest, read_hash_spec
-    from stealguard.ensemble.bundle import _load_hash
-
-    hash_fn = _load_hash(path, read_hash_spec(path, read_edm_manifest(path)))
-    if isinstance(hash_fn, DNNHash) and hash_fn.input_shape != info.input_shape:
-        raise ArtifactError(f"{path}: the hash network takes {hash_fn.input_shape} images, the "
-                            f"members take {info.input_shape}")
-    return hash_fn
-
-
-def victim_standin(info: ArtifactInfo) -> nn.Module:
-    """A fresh (untrained) model shaped like the served one: what a defense reads of its
-    victim (MAD: architecture, input shape, classes, normalisation; top-k: classes)."""
-    c, h, _ = info.input_shape
-    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
-        return build_model(info.arch, in_channels=c, image_size=h, num_classes=info.num_classes,
-                           mean=info.normalization["mean"], std=info.normalization["std"]).eval()
-
-
 # -- the deployments (plain classes; `build_application` wraps them with serve.deployment)
 
 class MemberModel:
@@ -229,51 +149,51 @@ class MemberModel:
     def __init__(self, artifact: str, index: int, *, threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.model = load_member(artifact, index).to(self.device)
+        model = load_member(artifact, index)
+        self.model = model.to(self.device) if isinstance(model, torch.nn.Module) else model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x.to(self.device)).float().cpu()
 
 
+class RemoteEnsemble(HashRouting):
+    """An EDM predictor whose members are remote handles (member i at position i): the
+    routing is `HashRouting`'s; the members answer their rows concurrently."""
+
+    def __init__(self, handles: list[Any], hash_fn: Any, info: ArtifactInfo) -> None:
+        if len(handles) != info.members:
+            raise ConfigError(f"the artifact has {info.members} members; {len(handles)} given")
+        self.handles, self.hash_fn = handles, hash_fn
+        self.input_shape, self.num_classes = info.input_shape, info.num_classes
+
+    @property
+    def n_members(self) -> int:
+        return len(self.handles)
+
+    async def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K) float32 probabilities of the routed members."""
+        parts = self.split(x)
+        answers = await asyncio.gather(  # every member at once, each on its rows (B_i,)
+            *(self.handles[i].remote(x[rows]) for i, rows in parts))  # [(B_i, K)]
+        return torch.softmax(self.merge(x, parts, answers).float(), dim=1)
+
+
 class Router:
-    """The secret hash and the defense: (B, C, H, W) -> (B, K) defended probabilities.
+    """The secret hash and the defense: (B, C, H, W) -> (B, K) defended probabilities, as
+    `EDMPredictor.predict_proba` and then the service's `DefendedPredictor`."""
 
-    As EDMPredictor.predict_proba then Service.answer: index(x_b) = H(x_b) mod N, member i
-    answers its rows (all members at once), row b of the logits is its member's, float32
-    softmax, then the defense on the whole batch."""
-
-    def __init__(self, artifact: str, members: list[Any], defense: DefenseSpec, *,
+    def __init__(self, artifact: str, members: list[Any], defense: DefenseConfig, *,
                  threads: int) -> None:
         torch.set_num_threads(threads)
         info = describe_artifact(artifact)
-        if len(members) != info.members:
-            raise ConfigError(f"{artifact} has {info.members} members; {len(members)} given")
-        self.members = members  # DeploymentHandles, member i at position i
-        self.input_shape, self.num_classes = info.input_shape, info.num_classes
-        self.hash_fn = load_hash(artifact)  # secret: it lives in the router replicas only
-        self.defense = defense.build(victim_standin(info))
-
-    def member_index(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B,) int64 member indices."""
-        if self.hash_fn is None:  # a classifier: one member
-            return torch.zeros(x.shape[0], dtype=torch.int64)
-        return self.hash_fn.index(x, members=len(self.members))
+        # secret: the hash lives in the router replicas only
+        self.ensemble = RemoteEnsemble(members, load_selector(artifact), info)
+        self.defended = DefendedPredictor(self.ensemble, defense.build(load_standin(artifact)))
 
     async def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise InputError(f"expected float images (B, {', '.join(map(str, self.input_shape))})"
-                             f" in [0, 1], got {tuple(x.shape)}")
-        idx = self.member_index(x)  # (B,)
-        routed = [(i, (idx == i).nonzero().squeeze(1)) for i in idx.unique().tolist()]
-        answers = await asyncio.gather(  # every member at once, each on its rows (B_i,)
-            *(self.members[i].remote(x[rows]) for i, rows in routed))  # [(B_i, K)]
-        logits = x.new_empty(x.shape[0], self.num_classes)  # (B, K)
-        for (_, rows), out in zip(routed, answers):
-            logits[rows] = out.to(logits.dtype)
-        with torch.no_grad():  # as Service.answer (not inference_mode: MAD needs autograd)
-            probs = torch.softmax(logits.float(), dim=1)  # (B, K)
-            return self.defense(x, probs).float().cpu()
+        probs = await self.ensemble.predict_proba(x)  # checks the shape (InputError)
+        return self.defended.apply(x, probs)
 
 
 class RouterModel:
@@ -346,7 +266,7 @@ def absolute_store(store: str | Path | None) -> str:
 
 
 def build_application(
-    artifact: str | Path, *, defense: DefenseSpec | None = None,
+    artifact: str | Path, *, defense: DefenseConfig | None = None,
     store: str | Path | None = None, limits: Limits | None = None,
     options: RayOptions | None = None,
 ) -> Any:
@@ -360,12 +280,12 @@ def build_application(
     opts, limits = options or RayOptions(), limits or Limits()
     artifact = str(Path(artifact).resolve())
     info = describe_artifact(artifact)
-    spec = defense or DefenseSpec()
+    spec = defense or DefenseConfig()
     if spec.key_file is None and spec.key is None:  # one key for every router replica
-        spec = replace(spec, key=new_key())
-    spec = replace(spec, key_file=None if spec.key_file is None
-                   else str(Path(spec.key_file).resolve()))
-    spec.build(victim_standin(info))  # bad names or parameters fail here, not in a replica
+        spec = spec.model_copy(update={"key": new_key()})
+    elif spec.key_file is not None:  # every replica reads the same file
+        spec = spec.model_copy(update={"key_file": str(Path(spec.key_file).resolve())})
+    spec.build(load_standin(artifact))  # bad names or parameters fail here, not in a replica
     location = absolute_store(store)
     KeyStore(location).close()  # creates the tables once, before replicas race to
 
@@ -385,7 +305,7 @@ def build_application(
 
 
 def deploy(
-    artifact: str | Path, *, defense: DefenseSpec | None = None,
+    artifact: str | Path, *, defense: DefenseConfig | None = None,
     store: str | Path | None = None, limits: Limits | None = None,
     options: RayOptions | None = None, address: str | None = None,
     host: str = "127.0.0.1", port: int = 8000,

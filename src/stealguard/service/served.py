@@ -13,8 +13,6 @@ be served. Artifacts on disk are loaded by the loader registered for their manif
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from stealguard.artifacts import FORMAT as CLASSIFIER_FORMAT
-from stealguard.artifacts import MANIFEST, load_classifier
-from stealguard.blackbox import predict_proba
-from stealguard.errors import ArtifactError, ConfigError
-from stealguard.registry import Registry
+from stealguard.errors import ConfigError
+from stealguard.formats import FORMATS, format_of, read_format
+from stealguard.victim import predict_proba
+
+SERVED_FORMATS = FORMATS  # every artifact format can be served
+__all__ = ["SERVED_FORMATS", "ServedModel", "load_served_model", "read_format"]
 
 
 @dataclass
@@ -70,45 +69,10 @@ class ServedModel:
         return predict_proba(self.model, x).float()
 
 
-ServedLoader = Callable[[Path], ServedModel]
-SERVED_FORMATS: Registry[ServedLoader] = Registry("artifact format")
-
-
-def read_format(path: str | Path) -> str:
-    """The `format` field of the artifact's manifest.json (ArtifactError when unreadable)."""
-    mpath = Path(path) / MANIFEST
-    if not mpath.is_file():
-        raise ArtifactError(f"no artifact at {Path(path)}: {mpath} is missing")
-    try:
-        raw = json.loads(mpath.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON ({e}); the artifact is corrupt") from None
-    fmt = raw.get("format") if isinstance(raw, dict) else None
-    if not isinstance(fmt, str):
-        raise ArtifactError(f"{mpath} has no string `format` field")
-    return fmt
-
-
 def load_served_model(path: str | Path) -> ServedModel:
-    """Load the artifact at `path` with the loader registered for its manifest's format."""
-    fmt = read_format(path)
-    if fmt not in SERVED_FORMATS:
-        raise ArtifactError(f"{Path(path)}: artifact format {fmt!r} cannot be served; "
-                            f"servable formats: {', '.join(SERVED_FORMATS.names())}")
-    return SERVED_FORMATS.get(fmt)(Path(path))
-
-
-@SERVED_FORMATS.register(CLASSIFIER_FORMAT)
-def _load_classifier(path: Path) -> ServedModel:
-    model, manifest = load_classifier(path)
-    return ServedModel(model, manifest.input_shape, manifest.num_classes, manifest.classes,
-                       manifest.format)
-
-
-@SERVED_FORMATS.register("stealguard.edm")
-def _load_edm(path: Path) -> ServedModel:
-    from stealguard.ensemble import load_edm  # imported when an EDM bundle is served
-
-    edm, manifest = load_edm(path)
-    return ServedModel(edm, manifest.input_shape, manifest.num_classes, manifest.classes,
-                       manifest.format)
+    """Load the artifact at `path` with the format its manifest names."""
+    fmt = format_of(path)
+    victim = fmt.load(Path(path))
+    model = victim.model
+    return ServedModel(model, tuple(model.input_shape), int(model.num_classes),
+                       list(victim.classes), fmt.name)

@@ -51,12 +51,12 @@ from torch import nn
 from stealguard.attacks.options import image_stats
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
-from stealguard.defenses import DEFENSES, MAD, Defense, build_defense
+from stealguard.defenses import DEFENSES, MAD, Defense, DefenseConfig, build_defense
 from stealguard.errors import ConfigError
 from stealguard.models import MODELS, Classifier, build_model
 from stealguard.pipeline import test_set_for
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
-from stealguard.reproduce.tasks.steal import DefenseConfig, defense_key
+from stealguard.reproduce.tasks.steal import defense_key
 from stealguard.reproduce.victims import DatasetName, VictimConfig
 from stealguard.training import predict, soft_cross_entropy, to_float_images
 

@@ -30,9 +30,10 @@ import torch
 from pydantic import Field
 
 from stealguard.blackbox import BlackBox, LocalBlackBox
+from stealguard.defenses import DefenseConfig
 from stealguard.pipeline import test_set_for
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
-from stealguard.reproduce.tasks.steal import DefenseConfig
+from stealguard.reproduce.tasks.steal import build_cell_defense
 from stealguard.reproduce.victims import VictimConfig
 from stealguard.training import to_float_images
 
@@ -76,7 +77,8 @@ class Runtime(Task):
     def run(cell: Any, ctx: RunContext) -> CellResult:
         tv = ctx.victim(cell.victim)
         victim = tv.victim
-        defense = cell.defense.build(victim, seed=cell.seed, components=tv.components)
+        defense = build_cell_defense(cell.defense, victim, seed=cell.seed,
+                                     components=tv.components)
         test = test_set_for(victim, data_root=ctx.data_root)
         x = to_float_images(timing_images(test.images, cell.n, seed=cell.seed))  # (n, C, H, W)
         sides: dict[str, BlackBox] = {

@@ -24,11 +24,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from stealguard.attacks import ATTACKS, parse_options
-from stealguard.defenses import DEFENSES, Defense, build_defense
-from stealguard.defenses.base import validate_params
+from stealguard.defenses import Defense, DefenseConfig
 from stealguard.defenses.metrics import defense_metrics
 from stealguard.pipeline import steal, test_set_for
 from stealguard.reproduce.tasks.base import TASKS, CellBase, CellResult, RunContext, Task
@@ -36,37 +35,17 @@ from stealguard.reproduce.victims import DatasetName, VictimConfig
 from stealguard.training import TrainConfig
 
 
-class DefenseConfig(BaseModel):
-    """An output defense by registered name, with its typed parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "none"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _known(self) -> DefenseConfig:
-        params_cls = getattr(DEFENSES.get(self.name), "Params", None)
-        if params_cls is not None:
-            validate_params(self.name, params_cls, self.params)
-        return self
-
-    def build(self, victim: Any, *, seed: int, components: dict[str, Any]) -> Defense | None:
-        """The defense on `victim.model` (None for `none`), its secret fixed by `seed`."""
-        if self.name == "none":
-            return None
-        return build_defense(self.name, self.params, victim=victim.model, key=defense_key(seed),
-                             **components)
-
-    def label(self) -> str:
-        if not self.params:
-            return self.name
-        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
-
-
 def defense_key(seed: int) -> bytes:
     """The secret of a keyed defense in an experiment: fixed by the cell's seed."""
     return hashlib.sha256(f"stealguard-reproduce-defense-{seed}".encode()).digest()
+
+
+def build_cell_defense(cfg: DefenseConfig, victim: Any, *, seed: int,
+                       components: dict[str, Any]) -> Defense | None:
+    """The cell's defense on `victim.model` (None for `none`), its secret fixed by `seed`."""
+    if cfg.is_none:
+        return None
+    return cfg.build(victim.model, key=defense_key(seed), components=components)
 
 
 class StealCell(CellBase):
@@ -108,7 +87,8 @@ class Steal(Task):
     def run(cell: Any, ctx: RunContext) -> CellResult:
         tv = ctx.victim(cell.victim)
         victim = tv.victim
-        defense = cell.defense.build(victim, seed=cell.seed, components=tv.components)
+        defense = build_cell_defense(cell.defense, victim, seed=cell.seed,
+                                     components=tv.components)
         options = {"seed": cell.seed, **cell.options}
         clone = cell.clone.model_copy(update={"seed": cell.seed}) if cell.clone else None
         r = steal(victim, attack=cell.attack, data=cell.queries, data_split=cell.queries_split,
