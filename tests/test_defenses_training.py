@@ -130,3 +130,35 @@ def test_dp_sgd_clips_per_sample_gradients_and_reports_epsilon(data) -> None:
     assert accuracy(noisy, images, labels) > 0.4
     with pytest.raises(ConfigError, match="max_grad_norm must be a finite number > 0"):
         train_dp(conv3(4), images, labels, config=cfg, noise_multiplier=1.0, max_grad_norm=0)
+
+
+def test_am_follows_the_authors_code_where_the_paper_is_silent(data) -> None:
+    """nu = 10000, OE weight 1, and f̂ trained on the outliers too, labelled by the victim's
+    argmax, so that f̂ puts little mass on the victim's class on out-of-distribution queries
+    (the ones AM answers with f̂), not only on the training set."""
+    import inspect
+
+    from stealguard.defenses.adaptive_misinformation import AdaptiveMisinformationParams
+
+    assert AdaptiveMisinformationParams().nu == 10000.0
+    assert inspect.signature(train_outlier_exposure).parameters["weight"].default == 1.0
+    images, labels = data[0][:192], data[1][:192]
+    a = quadrant_images(384, seed=8)[0]
+    outliers = torch.maximum(a[0::2], a[1::2])  # two quadrants lit: no class of the task
+    victim = conv3(5)
+    train_outlier_exposure(victim, images, labels, outliers, config=FAST)
+    with torch.no_grad():
+        target = victim(outliers.float() / 255).argmax(1, keepdim=True)  # (M, 1)
+    cfg = FAST.model_copy(update={"epochs": 20})
+    mass = {}
+    for with_outliers in (False, True):
+        misinfo = conv3(6)
+        extra = {"outliers": outliers, "victim": victim} if with_outliers else {}
+        train_misinformation(misinfo, images, labels, config=cfg, **extra)
+        assert accuracy(misinfo, images, labels) < 0.1
+        with torch.no_grad():
+            p = torch.softmax(misinfo(outliers.float() / 255), 1)
+        mass[with_outliers] = p.gather(1, target).mean().item()  # f̂'s mass on f's class
+    assert mass[True] < mass[False] / 4, mass  # measured: 0.0016 vs 0.018
+    with pytest.raises(ConfigError, match="give outliers= and victim= together"):
+        train_misinformation(conv3(6), images, labels, config=FAST, outliers=outliers)

@@ -1,20 +1,38 @@
-"""One training loop for victims and clones.
+"""The one training loop: victims, clones, EDM members, outlier exposure, misinformation.
+
+    train(model, images, targets, config=cfg)                       # cross-entropy
+    train(model, images, labels, config=cfg, loss=my_loss,          # any objective,
+          extras={"ood": ExtraBatches(ood_images, batch_size=32)})  # with extra batches
 
 The whole dataset sits on the training device as uint8 (N, C, H, W); each step indexes a
 batch, converts to float in [0, 1] and augments it there (batched crop + flip), so there is
 no per-sample Python and no DataLoader worker. Targets are hard labels (N,) int64 or soft
-probability vectors (N, K) float. On CUDA the forward pass runs in bfloat16 autocast.
+probability vectors (N, K) float. On CUDA the forward pass runs in bfloat16 autocast; the
+loss always sees float32 logits.
+
+A step hands the loss a `Batch`: the augmented images x (B, C, H, W), their targets, and one
+batch from each extra stream (e.g. EDM's OOD images, Outlier Exposure's outliers), drawn
+from the same seeded generator. The loss returns what to descend and what to log.
+
+Batches (one rule for every caller): each epoch is a fresh permutation cut into batches of
+`batch_size`; a final batch of one image is dropped (unless the set is one image), because
+BatchNorm cannot normalise over one sample; the cosine schedule runs over the steps taken.
+Extra streams are not augmented (the paper's OOD / outlier sets are used as they are).
+
+DP-SGD (`defenses/dp_sgd.py`) needs Opacus's per-sample gradients and Poisson lots, so it
+keeps its own loop but builds its optimizer and schedule here (`make_optimizer`,
+`make_schedule`).
 
 The final model is what is reported: nothing here selects a checkpoint on a test set.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +107,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+                  ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Cosine annealing over `total_steps` optimizer steps (stepped once per step), or None."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return None
+
+
+def batch_starts(n: int, batch_size: int) -> list[int]:
+    """Start offsets of one epoch's batches: the batching rule of the module docstring (a
+    final batch of one is dropped when n > 1)."""
+    starts = list(range(0, n, batch_size))
+    if n > 1 and starts and n - starts[-1] == 1:
+        starts.pop()
+    return starts
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against hard labels (B,) or probability targets (B, K)."""
     if targets.dim() == 1:
@@ -99,6 +134,55 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def to_float_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 or float [0, 1] -> float32 [0, 1]."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+# ------------------------------------------------------------------ pluggable parts
+
+
+@dataclass
+class Batch:
+    """What one step's loss sees."""
+
+    x: torch.Tensor  # (B, C, H, W) float in [0, 1], augmented when config.augment
+    y: torch.Tensor  # (B,) int64 labels or (B, K) float probabilities
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B', C, H, W)
+
+
+class StepLoss(NamedTuple):
+    value: torch.Tensor  # the scalar that is descended
+    logged: dict[str, torch.Tensor]  # detached scalars, logged per epoch ("loss" at least)
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # images -> float32 logits (autocast inside)
+Loss = Callable[[Forward, Batch], StepLoss]
+
+
+def cross_entropy_loss(forward: Forward, batch: Batch) -> StepLoss:
+    """The default objective: (soft) cross-entropy of the model on the batch."""
+    loss = soft_cross_entropy(forward(batch.x), batch.y)
+    return StepLoss(loss, {"loss": loss.detach()})
+
+
+@dataclass
+class ExtraBatches:
+    """An extra image set drawn alongside the training batches, `batch_size` images a step
+    (default: the training batch size), cycled: a fresh permutation each pass, the incomplete
+    tail of a pass dropped (a set smaller than one batch is used whole)."""
+
+    images: torch.Tensor  # (M, C, H, W) uint8 or float
+    batch_size: int | None = None
+
+    def stream(self, default_batch: int, gen: torch.Generator, device: torch.device
+               ) -> Iterator[torch.Tensor]:
+        x, batch = self.images.to(device), self.batch_size or default_batch
+        last = len(x) - batch + 1 if len(x) >= batch else 1
+        while True:
+            perm = torch.randperm(len(x), device=device, generator=gen)
+            for start in range(0, last, batch):
+                yield to_float_images(x[perm[start:start + batch]])
+
+
+# ------------------------------------------------------------------ the loop
 
 
 def _check_targets(images: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
@@ -114,49 +198,63 @@ def _check_targets(images: torch.Tensor, targets: torch.Tensor, num_classes: int
                          f"[{targets.min().item()}, {targets.max().item()}]")
 
 
+def _extras_shape(images: torch.Tensor, extras: Mapping[str, ExtraBatches]) -> None:
+    for name, e in extras.items():
+        if e.images.dim() != 4 or e.images.shape[1:] != images.shape[1:] or not len(e.images):
+            raise InputError(f"extra batches {name!r} must be images shaped like the training "
+                             f"images {tuple(images.shape[1:])}, got {tuple(e.images.shape)}")
+
+
 def train(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, config: TrainConfig,
     device: str | torch.device | None = "cpu", progress: bool = True, desc: str = "train",
+    loss: Loss = cross_entropy_loss, extras: Mapping[str, ExtraBatches] | None = None,
 ) -> TrainLog:
-    """Train `model` in place on images (N, C, H, W) and targets (N,) or (N, K)."""
-    cfg, dev = config, resolve_device(device)
+    """Train `model` in place on images (N, C, H, W) and targets (N,) or (N, K), descending
+    `loss` (default: cross-entropy) with one batch of each of `extras` per step."""
+    cfg, dev, extras = config, resolve_device(device), dict(extras or {})
     num_classes = int(getattr(model, "num_classes", targets.shape[-1]))
     _check_targets(images, targets, num_classes)
+    _extras_shape(images, extras)
     seed_everything(cfg.seed)
     model.to(dev).train()
     x_all = images.to(dev)  # whole dataset on the device, uint8 stays small
     y_all = targets.to(dev).float() if targets.dim() == 2 else targets.to(dev).long()
     n = int(x_all.shape[0])
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    starts = batch_starts(n, cfg.batch_size)
     opt = make_optimizer(model, cfg)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-             if cfg.schedule == "cosine" else None)
+    sched = make_schedule(opt, cfg, cfg.epochs * len(starts))
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    streams = {k: e.stream(cfg.batch_size, gen, dev) for k, e in extras.items()}
     use_amp = cfg.amp and dev.type == "cuda"
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            return model(x).float()
+
     log, t0 = TrainLog(), time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         perm = torch.randperm(n, device=dev, generator=gen)
-        total, loss_sum = 0, torch.zeros((), device=dev)
-        for start in range(0, n, cfg.batch_size):
+        total, sums = 0, {}  # type: ignore[var-annotated]
+        for start in starts:
             idx = perm[start:start + cfg.batch_size]
-            if idx.numel() < 2 and n > 1:  # a batch of one breaks BatchNorm; skip the remainder
-                continue
             xb = to_float_images(x_all[idx])
             if cfg.augment:
                 xb = augment_batch(xb, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = soft_cross_entropy(model(xb).float(), y_all[idx])
+            step = loss(forward, Batch(xb, y_all[idx], {k: next(s) for k, s in streams.items()}))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step.value.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            loss_sum += loss.detach() * idx.numel()
+            for k, v in step.logged.items():  # summed over images, no device sync per step
+                sums[k] = sums.get(k, 0) + v * idx.numel()
             total += idx.numel()
-        epoch_loss = (loss_sum / max(total, 1)).item()
-        log.epochs.append({"epoch": epoch + 1, "loss": epoch_loss})
-        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        record = {k: (v / max(total, 1)).item() for k, v in sums.items()}
+        log.epochs.append({"epoch": epoch + 1, **record})
+        if "loss" in record:
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
     log.seconds = time.perf_counter() - t0
     log.samples_per_second = n * cfg.epochs / max(log.seconds, 1e-9)
     model.eval()

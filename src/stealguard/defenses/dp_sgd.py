@@ -33,6 +33,7 @@ from stealguard.training import (
     TrainConfig,
     TrainLog,
     make_optimizer,
+    make_schedule,
     resolve_device,
     seed_everything,
     to_float_images,
@@ -99,7 +100,11 @@ def train_dp(
 
     Returns the trained model (a copy; BatchNorm replaced by GroupNorm) and its log, with
     the privacy spent `epsilon` at `delta`. `config.batch_size` is the expected lot size;
-    the optimizer and the cosine / constant schedule are `config`'s, as in `train`.
+    the optimizer and the cosine / constant schedule are built by `stealguard.training`
+    (`make_optimizer`, `make_schedule`), as in `train`. This is not `train`'s loop: Opacus
+    needs Poisson-sampled lots from its DataLoader, and every lot, even an empty or a
+    one-image one, takes its step (the privacy accountant assumes it), so the batching rule
+    of `train` (drop a final batch of one) does not apply here.
     """
     from opacus import PrivacyEngine
 
@@ -117,8 +122,7 @@ def train_dp(
             module=private, optimizer=make_optimizer(private, cfg), data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             noise_generator=torch.Generator(device=dev).manual_seed(cfg.seed + 1))
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
-                 if cfg.schedule == "cosine" else None)
+        sched = make_schedule(opt, cfg, cfg.epochs * len(loader))
         log, t0 = DPTrainLog(delta=delta, replaced_modules=replaced), time.perf_counter()
         for epoch in range(cfg.epochs):
             loss = _epoch(dp_model, opt, loader, sched, cfg, dev)

@@ -1,14 +1,15 @@
-"""Joint training of the N members on eq. 3 as one batched computation.
+"""Joint training of the N members on eq. 3, through the one training loop.
 
 Kariyappa et al., "Protecting DNNs from Theft using an Ensemble of Diverse Models",
 ICLR 2021, section 4.1, eq. 3:
 
     L = E [ 1/N sum_i CE(f_i(x), y) + lambda_D * DivLoss({f_i(x~)}_{i=1..N}) ]
 
-The members' parameters are stacked along a leading axis N with
-`torch.func.stack_module_state`, and one `vmap` of `functional_call` evaluates all members
-on a batch at once: each step is one forward and one backward for the whole ensemble, not a
-Python loop over models. Each step every member sees the same in-distribution batch x
+`train_ensemble` runs `stealguard.training.train` on a module whose forward gives all members'
+logits (N, B, K), with eq. 3 as the loss and the OOD set as an extra batch stream. The
+members' parameters are stacked along a leading axis N with `torch.func.stack_module_state`,
+and one `vmap` of `functional_call` evaluates all members on a batch at once: each step is
+one forward and one backward for the whole ensemble. Each step every member sees the same in-distribution batch x
 (B images) and the same OOD batch x~ (B' images), so the diversity term compares the
 members on identical inputs (BatchNorm members normalise over both batches together,
 each member with its own running statistics). The optimizer (SGD / Adam / Adagrad of
@@ -26,26 +27,24 @@ logged "loss" is L itself (eq. 3).
 from __future__ import annotations
 
 import copy
-import math
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
 
-from stealguard.data.augment import augment_batch
 from stealguard.ensemble.diversity import edm_loss
 from stealguard.errors import ConfigError, InputError
 from stealguard.models import Classifier, Normalize
 from stealguard.training import (
+    Batch,
+    ExtraBatches,
+    Forward,
+    StepLoss,
     TrainConfig,
-    make_optimizer,
+    TrainLog,
     resolve_device,
-    seed_everything,
-    to_float_images,
+    train,
 )
 
 
@@ -73,6 +72,8 @@ class StackedMembers(nn.Module):
         for i, k in enumerate(self.shared_names):
             self.register_buffer(f"shared_{i}", buffers[k][0].clone())
         self.n = len(members)
+        if hasattr(members[0], "num_classes"):  # `train` checks the labels against it
+            self.num_classes = int(members[0].num_classes)
         # a stateless skeleton: functional_call supplies the tensors
         self._skeleton = [copy.deepcopy(members[0]).to("meta")]  # list: not a submodule
 
@@ -121,11 +122,7 @@ def check_members(members: Sequence[nn.Module]) -> None:
                                   f"has {getattr(first, attr, None)!r}; members must match")
 
 
-@dataclass
-class EnsembleLog:
-    epochs: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    samples_per_second: float = 0.0  # in-distribution images per second (all members)
+EnsembleLog = TrainLog  # epochs carry "loss" (eq. 3), "ce" and "div"
 
 
 def _check_data(members: Sequence[Classifier], images: torch.Tensor, labels: torch.Tensor,
@@ -144,81 +141,39 @@ def _check_data(members: Sequence[Classifier], images: torch.Tensor, labels: tor
                               f"members take {shape}; use an OOD set of the victim's image shape")
 
 
+def edm_objective(lambda_d: float, members: int) -> Callable[[Forward, Batch], StepLoss]:
+    """Eq. 3 as a loss for `train`: the model's forward gives (N, B, K); descends N * L."""
+
+    def loss(forward: Forward, batch: Batch) -> StepLoss:
+        xo = batch.extra.get("ood")  # (B', C, H, W) or None
+        b = batch.x.shape[0]
+        x = batch.x if xo is None else torch.cat([batch.x, xo])  # one pass over both
+        logits = forward(x)  # (N, B + B', K)
+        out = logits[:, b:] if xo is not None else None
+        value, ce, div = edm_loss(logits[:, :b], batch.y, out, lambda_d=lambda_d)
+        return StepLoss(value * members, {"loss": value.detach(), "ce": ce, "div": div})
+
+    return loss
+
+
 def train_ensemble(
     members: Sequence[Classifier], images: torch.Tensor, labels: torch.Tensor,
     ood_images: torch.Tensor | None, *, lambda_d: float, config: TrainConfig,
     ood_batch_size: int | None = None, device: str | torch.device | None = "cpu",
     progress: bool = True, desc: str = "edm",
-) -> EnsembleLog:
+) -> TrainLog:
     """Train `members` in place on eq. 3. images (M, C, H, W) uint8, labels (M,) int64,
     ood_images (M', C, H, W) uint8 (unused when lambda_d == 0). ood_batch_size defaults to
     config.batch_size; the OOD set is cycled, reshuffled each pass."""
     check_members(members)
     _check_data(members, images, labels, ood_images, lambda_d)
-    cfg, dev = config, resolve_device(device)
-    seed_everything(cfg.seed)
-    stack = StackedMembers(members).to(dev).train()
-    x_all, y_all = images.to(dev), labels.to(dev).long()
-    x_ood = ood_images.to(dev) if (lambda_d > 0 and ood_images is not None) else None
-    b_ood = ood_batch_size or cfg.batch_size
-    n = int(x_all.shape[0])
-    steps = max(1, math.ceil(n / cfg.batch_size))
-    opt = make_optimizer(stack, cfg)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
-             if cfg.schedule == "cosine" else None)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    ood_stream = _cycle(x_ood, b_ood, gen) if x_ood is not None else None
-    log, t0 = EnsembleLog(), time.perf_counter()
-    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False):
-        sums = torch.zeros(3, device=dev)  # loss, ce, div (summed over images)
-        perm = torch.randperm(n, device=dev, generator=gen)
-        for start in range(0, n, cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]  # (B,)
-            if idx.numel() < 2 and n > 1:  # as `train`: a batch of one breaks BatchNorm
-                continue
-            xo = next(ood_stream) if ood_stream is not None else None  # (B', C, H, W)
-            parts = _step(stack, opt, cfg, dev, _batch(x_all[idx], cfg, gen), y_all[idx], xo,
-                          lambda_d)
-            if sched is not None:
-                sched.step()
-            sums += parts * idx.numel()
-        loss, ce, div = (sums / n).tolist()
-        log.epochs.append({"epoch": epoch + 1, "loss": loss, "ce": ce, "div": div})
+    dev = resolve_device(device)
+    extras = ({"ood": ExtraBatches(ood_images, batch_size=ood_batch_size)}
+              if lambda_d > 0 and ood_images is not None else {})
+    stack = StackedMembers(members)
+    log = train(stack, images, labels.long(), config=config, device=dev, progress=progress,
+                desc=desc, loss=edm_objective(lambda_d, len(members)), extras=extras)
     stack.write_back(members)
     for m in members:
         m.eval()
-    log.seconds = time.perf_counter() - t0
-    log.samples_per_second = n * cfg.epochs / max(log.seconds, 1e-9)
     return log
-
-
-def _batch(xb: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    xb = to_float_images(xb)  # (B, C, H, W) in [0, 1]
-    if cfg.augment:
-        xb = augment_batch(xb, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=gen)
-    return xb
-
-
-def _cycle(x: torch.Tensor, batch: int, gen: torch.Generator):  # type: ignore[no-untyped-def]
-    """Endless stream of (batch, C, H, W) float batches, a fresh permutation each pass."""
-    while True:
-        perm = torch.randperm(len(x), device=x.device, generator=gen)
-        for start in range(0, len(x) - batch + 1 if len(x) >= batch else 1, batch):
-            yield to_float_images(x[perm[start:start + batch]])
-
-
-def _step(stack: StackedMembers, opt: torch.optim.Optimizer, cfg: TrainConfig,
-          dev: torch.device, xb: torch.Tensor, yb: torch.Tensor, xo: torch.Tensor | None,
-          lambda_d: float) -> torch.Tensor:
-    """One optimizer step on eq. 3; returns (loss, ce, div) detached, shape (3,)."""
-    b = xb.shape[0]
-    x = xb if xo is None else torch.cat([xb, xo])  # one vmapped pass over both batches
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
-                        enabled=cfg.amp and dev.type == "cuda"):
-        logits = stack(x).float()  # (N, B + B', K)
-    out = logits[:, b:] if xo is not None else None
-    loss, ce, div = edm_loss(logits[:, :b], yb, out, lambda_d=lambda_d)
-    opt.zero_grad(set_to_none=True)
-    (loss * stack.n).backward()  # N * L: see the module docstring
-    opt.step()
-    return torch.stack([loss.detach(), ce, div])

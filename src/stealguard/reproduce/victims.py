@@ -170,7 +170,7 @@ class DPParams(BaseModel):
 class OEParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     outliers: str = "kmnist"
-    weight: float = Field(0.5, ge=0)
+    weight: float = Field(1.0, ge=0)  # lambda of OE; 1 as the AM authors' code
 
 
 def _standard(cfg: VictimConfig, p: Any, device: torch.device, data_root: str | Path | None,
@@ -238,7 +238,8 @@ def _outlier_exposure(cfg: VictimConfig, p: Any, device: torch.device,
     train_outlier_exposure(model, ds.images, ds.labels, outliers, config=cfg.train,
                            weight=p.weight, device=device)
     misinfo = _fresh(cfg, ds)
-    train_misinformation(misinfo, ds.images, ds.labels, config=cfg.train, device=device)
+    train_misinformation(misinfo, ds.images, ds.labels, config=cfg.train, outliers=outliers,
+                         victim=model, device=device)
     return TrainedVictim(_finish(cfg, model, ds, device, data_root),
                          components={"misinformation_model": misinfo.cpu().eval()})
 
