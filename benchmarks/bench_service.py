@@ -346,7 +346,7 @@ def knockoff_check(tmp: Path, args: argparse.Namespace) -> dict[str, object]:
 
     def attack():  # type: ignore[no-untyped-def]
         return KnockoffNets(surrogate, labels="soft", arch="conv3", seed=0, query_batch=256,
-                            config=TrainConfig(epochs=8, lr=0.05, seed=0, amp=False))
+                            clone=TrainConfig(epochs=8, lr=0.05, seed=0, amp=False))
 
     t0 = time.perf_counter()
     local = attack()(LocalBlackBox(victim, budget=budget), budget)

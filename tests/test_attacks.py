@@ -2,8 +2,16 @@
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from stealguard.attacks import ATTACKS, Attack, build_attack
+from stealguard.attacks import (
+    ATTACKS,
+    Attack,
+    AttackParams,
+    attack_params_class,
+    build_attack,
+    validate_attack,
+)
 from stealguard.blackbox import LocalBlackBox
 from stealguard.errors import ConfigError, InputError, UnknownNameError
 from stealguard.models import build_model
@@ -41,19 +49,19 @@ def test_set():
 def make(name: str, *, config: TrainConfig, seed_size: int = 20, rounds: int | None = 4,
          **options) -> Attack:
     """The attack `name` on the right kind of attacker data (seed set or surrogate)."""
-    if ATTACKS.get(name).data_role == "seed_set":
-        return build_attack(name, seed_set=quadrant_dataset(200, seed=6, split="test"),
-                            seed_size=seed_size, jacobian={"rounds": rounds}, config=config,
-                            options=options or None)
-    return build_attack(name, surrogate=quadrant_dataset(400, seed=5), config=config,
-                        options=options or None)
+    fields = attack_params_class(name).model_fields
+    if "seed_size" in fields:  # the Jacobian family draws its seed set from in-distribution data
+        return build_attack(name, quadrant_dataset(200, seed=6, split="train"),
+                            {"seed_size": seed_size, "rounds": "budget" if rounds is None else rounds,
+                             "clone": config, **options})
+    return build_attack(name, quadrant_dataset(400, seed=5), {"clone": config, **options})
 
 
 def test_registry_holds_every_attack_of_the_papers():
     assert set(ATTACKS.names()) >= {"knockoff", "adaptive_averaging", "jbda", "jbda_tr",
                                     "jb_self", "jb_top3"}
     with pytest.raises(UnknownNameError, match="valid attack names: .*jbda"):
-        build_attack("jbdaa", seed_set=quadrant_dataset(10))
+        build_attack("jbdaa", quadrant_dataset(10))
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -109,7 +117,7 @@ def test_zero_rounds_is_refused():
 def test_seed_set_of_another_shape_is_refused(victim):
     rgb = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
     for name in ("jbda", "jbda_tr", "jb_self", "jb_top3"):
-        attack = ATTACKS.get(name)(rgb, config=FAST)
+        attack = ATTACKS.get(name)(rgb, clone=FAST)
         with pytest.raises(InputError, match=r"shape \(3, 8, 8\), the victim takes \(1, 8, 8\)"):
             attack(LocalBlackBox(victim), 100)
     big = quadrant_images(10, seed=0)[0].repeat_interleave(2, 2).repeat_interleave(2, 3)
@@ -120,12 +128,12 @@ def test_seed_set_of_another_shape_is_refused(victim):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"nqury": 3}, "nqury: Extra inputs are not permitted.*valid attacker options: labels"),
+    ({"nqury": 3}, "unknown parameter 'nqury'; valid parameters: labels"),
     ({"labels": "fuzzy"}, "unknown label mode 'fuzzy'; valid: soft, hard"),
     ({"arch": "conv9"}, "unknown clone architecture 'conv9'; valid: conv3"),
-    ({"nquery": 0}, "nquery: Input should be greater than or equal to 1"),
-    ({"query_aug": "mixup"}, "query_aug: Input should be 'none', 'crop_flip' or 'affine_color'"),
-    ({"jitter": {"hue": 2}}, "jitter.hue"),
+    ({"nquery": 0}, "nquery=0 is invalid .*greater than or equal to 1.*valid: answers per"),
+    ({"query_aug": "mixup"}, "query_aug='mixup' is invalid .*'none', 'crop_flip' or 'affine_c"),
+    ({"jitter": {"hue": 2}}, "jitter.hue=2 is invalid"),
 ])
 def test_unknown_or_invalid_options_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -134,19 +142,52 @@ def test_unknown_or_invalid_options_are_refused(bad, match):
         make("jbda", config=FAST, **bad)
 
 
-def test_bad_jacobian_settings_and_data_roles_are_refused():
+def test_bad_jacobian_settings_and_data_are_refused():
     seeds = quadrant_dataset(50)
-    with pytest.raises(ConfigError, match="lambda: Extra inputs are not permitted"):
-        build_attack("jbda", seed_set=seeds, jacobian={"lambda": 0.1})
-    with pytest.raises(ConfigError, match="unknown Jacobian preset 'papernot'; valid: edm, mad"):
-        build_attack("jbda", seed_set=seeds, preset="papernot")
-    with pytest.raises(ConfigError, match="'jbda' takes seed_set= .*not surrogate="):
-        build_attack("jbda", surrogate=seeds)
-    with pytest.raises(ConfigError, match="'knockoff' takes surrogate="):
-        build_attack("knockoff", seed_set=seeds)
-    with pytest.raises(ConfigError, match="no jacobian= or seed_size="):
-        build_attack("knockoff", surrogate=seeds, seed_size=10)
+    with pytest.raises(ConfigError, match="attack 'jbda': unknown parameter 'lambda'; valid "
+                       "parameters: .*step"):
+        build_attack("jbda", seeds, {"lambda": 0.1})
+    with pytest.raises(ConfigError, match="preset='papernot' is invalid .*'edm' or 'mad'"):
+        build_attack("jbda", seeds, {"preset": "papernot"})
+    with pytest.raises(ConfigError, match="'knockoff': unknown parameter 'seed_size'"):
+        build_attack("knockoff", seeds, {"seed_size": 10})
     with pytest.raises(ConfigError, match="seed_size 80 exceeds the 50 images"):
-        build_attack("jbda", seed_set=seeds, seed_size=80)
-    with pytest.raises(ConfigError, match="sets nquery"):
-        build_attack("adaptive_averaging", surrogate=seeds, options={"nquery": 2})
+        build_attack("jbda", seeds, {"seed_size": 80})
+    with pytest.raises(ConfigError, match="'adaptive_averaging': unknown parameter 'nquery'"):
+        build_attack("adaptive_averaging", seeds, {"nquery": 2})
+    with pytest.raises(ConfigError, match="'knockoff' needs the attacker's images"):
+        build_attack("knockoff", None)
+    with pytest.raises(InputError, match="'jbda' needs in-distribution seed images"):
+        build_attack("jbda", None)
+    with pytest.raises(ConfigError, match="give clone or round_config, not both"):
+        build_attack("jbda", seeds, {"clone": FAST, "round_config": FAST})
+
+
+# ---- the contract: every registered attack's Params ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_declares_frozen_strict_params_with_described_fields(name):
+    params_cls = attack_params_class(name)
+    assert issubclass(params_cls, AttackParams)
+    defaults = params_cls()  # valid defaults
+    with pytest.raises(ValidationError):
+        defaults.labels = "hard"  # frozen
+    with pytest.raises(ConfigError, match=f"attack {name!r}: unknown parameter 'bogus'; valid "
+                       "parameters: labels, arch"):
+        validate_attack(name, {"bogus": 1})
+    undescribed = [f for f, info in params_cls.model_fields.items() if not info.description]
+    assert not undescribed, f"{name}: fields without a description of their range"
+    # strings, as they come from the command line or a spec, are converted by the Params
+    typed = validate_attack(name, {"seed": "3", "labels": "hard"})
+    assert (typed.seed, typed.labels) == (3, "hard")
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_builds_from_default_params_and_keeps_its_budget(victim, name):
+    data = quadrant_dataset(30, seed=6, split="train")
+    attack = build_attack(name, data, {"clone": FAST})  # defaults besides the clone's training
+    assert isinstance(attack.params, attack_params_class(name))
+    bb = LocalBlackBox(victim)
+    result = attack(bb, 45)
+    assert result.queries == bb.queries_used <= 45

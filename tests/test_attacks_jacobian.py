@@ -130,11 +130,13 @@ def test_sign_gradient_chunks_agree_with_one_pass(clone, points):
 def test_rounds_double_the_set_and_query_only_new_points(victim):
     seeds = quadrant_dataset(20, seed=6)
     bb = LocalBlackBox(victim)
-    result = JBDA(seeds, jacobian={"rounds": 3}, config=ADAM)(bb, 10_000)
+    attack = JBDA(seeds, rounds=3, clone=ADAM)
+    result = attack(bb, 10_000)
     assert result.queries == bb.queries_used == 20 + 20 + 40
     trains = [e["rows"] for e in result.log if e["stage"] == "train"]
     assert trains == [20, 40, 80]
-    torch.testing.assert_close(result.transfer_x[:20], seeds.float_images())
+    assert sorted(map(bytes, attack.seed_images.numpy())) == sorted(map(bytes, seeds.images.numpy()))
+    torch.testing.assert_close(result.transfer_x[:20], attack.seed_images.float() / 255)
 
 
 def test_until_the_budget_with_reservoir_and_periodic_step(victim):
@@ -145,8 +147,8 @@ def test_until_the_budget_with_reservoir_and_periodic_step(victim):
             steps.append((step, len(x)))
             return super().augment(clone, x, answers, step=step, generator=generator)
 
-    jac = {"rounds": None, "tau": 2, "kappa": 15, "sigma": 1, "round_config": ADAM}
-    result = Recording(quadrant_dataset(10, seed=6), jacobian=jac)(LocalBlackBox(victim), 57)
+    jac = {"rounds": "budget", "tau": 2, "kappa": 15, "sigma": 1, "round_config": ADAM}
+    result = Recording(quadrant_dataset(10, seed=6), jac)(LocalBlackBox(victim), 57)
     assert result.queries == 57
     # round 0 augments all 10 seeds; from round 1 on only a reservoir of 15 (the last cut to
     # what the budget still buys); the step flips sign every tau = 2 rounds
@@ -160,23 +162,23 @@ def test_mad_preset_trains_a_fresh_final_clone_and_config_replaces_it(victim):
     assert (edm.rounds, edm.step, edm.round_config.optimizer, edm.round_config.lr,
             edm.round_config.epochs) == (6, 0.2, "adam", 1e-3, 10)
     final = TrainConfig(epochs=2, batch_size=32, lr=0.05)
-    attack = build_attack("jbda", seed_set=quadrant_dataset(40), seed_size=10, preset="mad",
-                          config=final, jacobian={"round_config": ADAM})
+    attack = build_attack("jbda", quadrant_dataset(40), {"seed_size": 10, "preset": "mad",
+                          "clone": final, "round_config": ADAM})
     assert attack.clone_config == final and attack.jacobian.round_config == ADAM
     result = attack(LocalBlackBox(victim), 45)
     stages = [e["stage"] for e in result.log if e["stage"] != "query"]
     assert stages[-1] == "final" and stages.count("final") == 1
-    edm_attack = build_attack("jbda", seed_set=quadrant_dataset(40), config=final)
+    edm_attack = build_attack("jbda", quadrant_dataset(40), {"clone": final})
     assert edm_attack.jacobian.round_config == final
 
 
 def test_mad_seed_sizes_by_dataset():
     x, y = quadrant_images(300, seed=0)
     mnist_like = ImageDataset("mnist", "test", x, y, [str(i) for i in range(4)])
-    assert build_attack("jbda", seed_set=mnist_like, preset="mad").seed_images.shape[0] == 100
-    assert build_attack("jbda", seed_set=mnist_like).seed_images.shape[0] == 128
-    a = build_attack("jbda", seed_set=mnist_like, seed_size=30, options={"seed": 1})
-    b = build_attack("jbda", seed_set=mnist_like, seed_size=30, options={"seed": 2})
+    assert build_attack("jbda", mnist_like, {"preset": "mad"}).seed_images.shape[0] == 100
+    assert build_attack("jbda", mnist_like).seed_images.shape[0] == 128
+    a = build_attack("jbda", mnist_like, {"seed_size": 30, "seed": 1})
+    b = build_attack("jbda", mnist_like, {"seed_size": 30, "seed": 2})
     assert a.seed_images.shape[0] == 30 and not torch.equal(a.seed_images, b.seed_images)
 
 
@@ -184,7 +186,6 @@ def test_hard_labels_and_nquery_each_in_the_rounds(victim):
     opts = {"labels": "hard", "nquery": 2, "nquery_mode": "each", "query_aug": "crop_flip",
             "crop_padding": 1}
     bb = LocalBlackBox(victim)
-    result = JBDATR(quadrant_dataset(10, seed=6), jacobian={"rounds": 2}, options=opts,
-                    config=ADAM)(bb, 1000)
+    result = JBDATR(quadrant_dataset(10, seed=6), {**opts, "rounds": 2}, clone=ADAM)(bb, 1000)
     assert result.queries == bb.queries_used == 2 * (10 + 10)
     assert result.transfer_x.shape[0] == 40 and result.queries_per_row == 1

@@ -66,7 +66,7 @@ def answers_of(model, x):
 def test_nquery_average_spends_n_per_image_and_keeps_one_row(victim):
     surrogate = quadrant_dataset(400, seed=5)
     bb = LocalBlackBox(victim)
-    result = KnockoffNets(surrogate, config=FAST, options={"nquery": 3})(bb, 301)
+    result = KnockoffNets(surrogate, {"nquery": 3}, clone=FAST)(bb, 301)
     assert result.queries == bb.queries_used == 300 and result.queries_per_row == 3
     assert result.transfer_x.shape[0] == 100 and result.transfer_x.dtype == torch.uint8
     # a deterministic victim answers the same thrice: the average is its answer
@@ -76,7 +76,7 @@ def test_nquery_average_spends_n_per_image_and_keeps_one_row(victim):
 def test_nquery_aug_each_keeps_every_cropped_flipped_query(victim):
     bb = Recording(victim)
     opts = {"nquery": 4, "nquery_mode": "each", "query_aug": "crop_flip", "crop_padding": 2}
-    result = KnockoffNets(quadrant_dataset(400, seed=5), config=FAST, options=opts)(bb, 200)
+    result = KnockoffNets(quadrant_dataset(400, seed=5), opts, clone=FAST)(bb, 200)
     assert result.queries == bb.queries_used == 200 and result.queries_per_row == 1
     x = result.transfer_x
     assert x.shape == (200, 1, 8, 8) and x.dtype == torch.float32
@@ -88,12 +88,12 @@ def test_nquery_aug_each_keeps_every_cropped_flipped_query(victim):
 
 def test_other_arch_optimizer_and_hard_labels(victim):
     config = TrainConfig(epochs=1, batch_size=32, optimizer="adagrad", lr=0.05)
-    attack = build_attack("knockoff", surrogate=quadrant_dataset(100, seed=5), config=config,
-                          options={"arch": "resnet20", "labels": "hard"})
+    attack = build_attack("knockoff", quadrant_dataset(100, seed=5),
+                          {"arch": "resnet20", "labels": "hard", "clone": config})
     result = attack(LocalBlackBox(victim), 64)
     assert result.clone.arch == "resnet20" and attack.clone_config.optimizer == "adagrad"
     assert attack.options.labels == "hard"
-    legacy = KnockoffNets(quadrant_dataset(10), labels="hard", seed=3, options={"nquery": 2})
+    legacy = KnockoffNets(quadrant_dataset(10), {"nquery": 2}, labels="hard", seed=3)
     assert (legacy.options.labels, legacy.options.seed, legacy.options.nquery) == ("hard", 3, 2)
 
 
@@ -102,7 +102,7 @@ def test_other_arch_optimizer_and_hard_labels(victim):
 
 def test_adaptive_averaging_averages_k_perturbed_answers_per_image(victim):
     bb = Recording(victim)
-    attack = AdaptiveAveraging(quadrant_dataset(400, seed=5), k=5, config=FAST)
+    attack = AdaptiveAveraging(quadrant_dataset(400, seed=5), k=5, clone=FAST)
     result = attack(bb, 103)
     assert result.queries == bb.queries_used == 100 and result.queries_per_row == 5
     assert result.transfer_x.shape == (20, 1, 8, 8)  # the original images, one row each
@@ -147,7 +147,7 @@ def test_hue_shift_keeps_luma_and_rotation_turns_the_image():
 def test_jitter_ranges_are_validated():
     with pytest.raises(ValueError, match="scale_min 1.2 > scale_max 1.1"):
         AffineColorJitter(scale_min=1.2)
-    with pytest.raises(ConfigError, match="k .* must be >= 1"):
+    with pytest.raises(ConfigError, match="k=0 is invalid .*>= 1"):
         AdaptiveAveraging(quadrant_dataset(10), k=0)
 
 
@@ -158,21 +158,21 @@ def test_curve_queries_once_and_each_point_is_a_fresh_clone_on_a_prefix(victim):
     xt, yt = quadrant_images(256, seed=2)
     surrogate = quadrant_dataset(400, seed=5)
     bb = LocalBlackBox(victim, budget=1000)
-    points = accuracy_vs_budget(KnockoffNets(surrogate, config=FAST), bb, [300, 40],
+    points = accuracy_vs_budget(KnockoffNets(surrogate, clone=FAST), bb, [300, 40],
                                 test_images=xt, test_labels=yt, victim=victim)
     assert bb.queries_used == 300  # one run at the largest budget
     assert [(p["budget"], p["rows"], p["queries"]) for p in points] == [(40, 40, 40),
                                                                       (300, 300, 300)]
     # each point is what a separate attack with that budget would have reached
     for p in points:
-        alone = KnockoffNets(surrogate, config=FAST)(LocalBlackBox(victim), p["budget"])
+        alone = KnockoffNets(surrogate, clone=FAST)(LocalBlackBox(victim), p["budget"])
         assert p["clone_accuracy"] == accuracy(alone.clone, xt, yt)
     assert points[1]["clone_accuracy"] > 0.8 and "agreement" in points[1]
 
 
 def test_curve_with_nquery_and_bad_budgets(victim):
     xt, yt = quadrant_images(64, seed=2)
-    attack = KnockoffNets(quadrant_dataset(400, seed=5), config=FAST, options={"nquery": 3})
+    attack = KnockoffNets(quadrant_dataset(400, seed=5), {"nquery": 3}, clone=FAST)
     points = accuracy_vs_budget(attack, LocalBlackBox(victim), [31, 90], test_images=xt,
                                 test_labels=yt)
     assert [(p["rows"], p["queries"]) for p in points] == [(10, 30), (30, 90)]

@@ -70,7 +70,7 @@ def test_defended_evaluate_and_attack(mnist_victim):
     figures = json.loads(r.output)
     assert figures["defense"] == "topk"
     r = run("attack", "jbda", "--victim", str(out), "--seed-set", "mnist", "--seed-size", "20",
-            "--budget", "80", "--epochs", "1", "--option", "query_batch=16",
+            "--budget", "80", "--epochs", "1", "--query-batch", "16",
             "--defense", "rounding", "--defense-param", "decimals=1", "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     figures = json.loads(r.output.strip().splitlines()[-1])

@@ -24,7 +24,7 @@ def test_knockoff_steals_and_counts_exactly(victim, labels):
     surrogate = quadrant_dataset(600, seed=5)  # attacker's own unlabelled images
     bb = LocalBlackBox(victim, budget=400)
     attack = KnockoffNets(surrogate, labels=labels, arch="conv3",
-                          config=TrainConfig(epochs=5, batch_size=32, lr=0.05), query_batch=64)
+                          clone=TrainConfig(epochs=5, batch_size=32, lr=0.05), query_batch=64)
     result = attack(bb, 400)
     assert result.queries == bb.queries_used == 400
     assert result.transfer_x.shape == (400, 1, 8, 8) and result.transfer_y.shape == (400, 4)
@@ -36,7 +36,7 @@ def test_knockoff_steals_and_counts_exactly(victim, labels):
 
 def test_budget_larger_than_surrogate_spends_only_what_exists(victim):
     bb = LocalBlackBox(victim, budget=1000)
-    r = KnockoffNets(quadrant_dataset(50), config=TrainConfig(epochs=1))(bb, 1000)
+    r = KnockoffNets(quadrant_dataset(50), clone=TrainConfig(epochs=1))(bb, 1000)
     assert r.queries == bb.queries_used == 50
 
 

@@ -74,7 +74,7 @@ def test_knockoff_over_http_gets_the_local_answers_and_counts(victim, tmp_path):
 
     def attack():
         return KnockoffNets(surrogate, labels="soft", arch="conv3", query_batch=100,
-                            config=TrainConfig(epochs=1, batch_size=32, lr=0.05))
+                            clone=TrainConfig(epochs=1, batch_size=32, lr=0.05))
 
     local = attack()(LocalBlackBox(victim, budget=300), 300)
     with LiveServer(create_app(victim, store=store)) as srv, HttpBlackBox(srv.url, secret) as bb:

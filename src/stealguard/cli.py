@@ -159,84 +159,137 @@ def _defense(victim_model: Any, name: Optional[str], params: list[str]) -> Any:
     return None if name is None else cfg.build(victim_model)
 
 
-def _parse_options(items: list[str]) -> dict[str, str]:
-    opts: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StealguardError(f"--option expects key=value, got {item!r}")
-        opts[key.strip()] = value.strip()
-    return opts
+# ---- stealguard attack <name>: options from the attack's typed Params ---------------------
+
+# Options every attack command has (the attack's own come from its Params, below).
+_ATTACK_COMMON: list[tuple[str, Any, Any]] = [
+    ("victim_path", Path, typer.Option(..., "--victim", help="Victim artifact directory (the "
+                                       "owner's copy: its test set and agreement are measured).")),
+    ("target", Optional[str], typer.Option(None, "--target", help="Attack a stealguard "
+                                           "service at this URL instead of a local black box.")),
+    ("api_key", Optional[str], typer.Option(None, "--api-key", envvar="STEALGUARD_API_KEY",
+                                            help="API key for --target.")),
+    ("data", Optional[str], typer.Option(None, "--data", "--surrogate", "--seed-set",
+                                         help="The attacker's images (a dataset; name@split "
+                                              "picks the split): the surrogate set, or the "
+                                              "in-distribution images seeds are drawn from.")),
+    ("data_split", str, typer.Option("train", "--data-split",
+                                     help="Split of --data to draw from.")),
+    ("budget", int, typer.Option(50_000, "--budget", help="Query budget.")),
+    ("output", str, typer.Option("probs", "--output", help="What the black box returns: "
+                                 "probs, topk, label.")),
+    ("defense", Optional[str], DefenseOpt),
+    ("defense_param", list[str], DefenseParam),
+    ("param", list[str], typer.Option([], "--param", help="Attack parameter key=value, also "
+                                      "nested ones (jitter.hue=0.1); repeat. See `stealguard "
+                                      "attacks`.")),
+    ("epochs", Optional[int], typer.Option(None, "--epochs", help="Clone epochs (default: "
+                                           "the attack's).")),
+    ("batch_size", int, typer.Option(128, "--batch-size", help="Clone batch size.")),
+    ("optimizer", Optional[str], typer.Option(None, "--optimizer", help="sgd, adam or adagrad.")),
+    ("lr", Optional[float], typer.Option(None, "--lr", help="Clone learning rate.")),
+    ("save_clone", Optional[Path], typer.Option(None, "--save-clone",
+                                                help="Save the clone as an artifact.")),
+    ("device", str, Device),
+    ("data_root", Optional[str], DataRoot),
+    ("as_json", bool, Json),
+]
+# Params fields with their own option elsewhere (clone: --epochs/--lr/...) or only as --param.
+_NOT_AN_OPTION = {"clone"}
 
 
+def _param_options(params_cls: Any) -> list[tuple[str, Any, Any]]:
+    """One `--field-name` option per scalar field of an attack's Params; values are handed
+    to the Params model as strings (it converts and validates them). Nested models (jitter,
+    round_config) are set with --param field.sub=value."""
+    from pydantic import BaseModel
+
+    out = []
+    for field, info in params_cls.model_fields.items():
+        ann = info.annotation
+        nested = any(isinstance(a, type) and issubclass(a, BaseModel)
+                     for a in (ann, *getattr(ann, "__args__", ())))
+        if field in _NOT_AN_OPTION or nested:
+            continue
+        default = info.get_default(call_default_factory=True)
+        shown = "the victim's" if field == "arch" else repr(default)
+        help_text = info.description or field
+        if default is not None:  # None: the description says what the default is
+            help_text += f" (default: {shown})"
+        flag = "--" + field.replace("_", "-")
+        out.append((f"p_{field}", Optional[str], typer.Option(None, flag, help=help_text)))
+    return out
 
 
 def _attack_command(name: str) -> None:
-    """Register `stealguard attack <name>`: one command per registered attack."""
+    """Register `stealguard attack <name>`, listing only the options this attack has."""
+    import inspect
 
-    def command(
-        victim_path: Path = typer.Option(..., "--victim", help="Victim artifact directory (the "
-                                         "owner's copy: its test set and agreement are measured)."),
-        target: Optional[str] = typer.Option(None, "--target", help="Attack a stealguard "
-                                             "service at this URL instead of a local black box."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="STEALGUARD_API_KEY",
-                                              help="API key for --target."),
-        data: str = typer.Option(..., "--surrogate", "--seed-set", "--data",
-                                 help="Attacker's images: surrogate set or in-distribution seeds."),
-        data_split: str = typer.Option("train", help="Split of --data to draw from."),
-        budget: int = typer.Option(50_000, help="Query budget."),
-        labels: str = typer.Option("soft", help="soft (probabilities) or hard (argmax only)."),
-        arch: Optional[str] = typer.Option(None, help="Clone architecture (default: victim's)."),
-        option: list[str] = typer.Option([], "--option", help="Attacker option key=value "
-                                         "(nquery, nquery_mode, query_aug, ...; repeat)."),
-        preset: str = typer.Option("edm", help="Jacobian family preset: edm or mad."),
-        seed_size: Optional[int] = typer.Option(None, help="Jacobian family seed-set size."),
-        output: str = typer.Option("probs", help="What the black box returns: probs, topk, label."),
-        defense: Optional[str] = DefenseOpt, defense_param: list[str] = DefenseParam,
-        epochs: Optional[int] = typer.Option(None, help="Clone epochs (default: the attack's)."),
-        batch_size: int = typer.Option(128, help="Clone batch size."),
-        optimizer: Optional[str] = typer.Option(None, help="sgd, adam or adagrad."),
-        lr: Optional[float] = typer.Option(None, help="Clone learning rate."),
-        save_clone: Optional[Path] = typer.Option(None, help="Save the clone as an artifact."),
-        seed: int = Seed, device: str = Device, data_root: Optional[str] = DataRoot,
-        as_json: bool = Json,
-    ) -> None:
-        from stealguard.artifacts import save_classifier
-        from stealguard.formats import load_victim
-        from stealguard.pipeline import steal
+    from stealguard.attacks import attack_params_class
 
-        device = _device(device)
-        victim = load_victim(victim_path)
-        given = {"epochs": epochs, "optimizer": optimizer, "lr": lr}
-        cfg = (None if all(v is None for v in given.values()) else
-               _config(batch_size=batch_size, seed=seed, **given))
-        opts = {"labels": labels, "seed": seed, **_parse_options(option),
-                **({"arch": arch} if arch else {})}
-        blackbox = None
-        if target is not None:
-            if api_key is None or defense is not None:
-                raise StealguardError("--target needs --api-key, and takes no --defense (the "
-                                      "service applies its own)")
-            from stealguard.service.client import HttpBlackBox
+    params_cls = attack_params_class(name)
+    specs = _ATTACK_COMMON + _param_options(params_cls)
 
-            blackbox = HttpBlackBox(target, api_key)
-        r = steal(victim, attack=name, data=data, data_split=data_split, budget=budget,
-                  options=opts, config=cfg, preset=preset, seed_size=seed_size,
-                  defense=_defense(victim.model, defense, defense_param), output=output,
-                  data_root=data_root, device=device, progress=not as_json, blackbox=blackbox)
-        clone = r.pop("clone")
-        if save_clone is not None:
-            save_classifier(save_clone, clone, dataset=victim.dataset, classes=victim.classes,
-                            train_config=cfg.model_dump() if cfg else {},
-                            metrics={"test_accuracy": r["clone_accuracy"]},
-                            extra={"stolen_from": str(victim_path), "attack": name})
-            r["clone_artifact"] = str(save_clone)
-        _emit(r, as_json, name)
+    def command(**kw: Any) -> None:
+        _run_attack(name, kw)
 
-    from stealguard.attacks import ATTACKS
-
-    doc = (ATTACKS.get(name).__doc__ or name).strip().splitlines()[0]
+    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+        for n, ann, opt in specs])
+    command.__annotations__ = {n: ann for n, ann, _ in specs}
+    doc = (ATTACKS_DOC.get(name) or name)
     attack_app.command(name, help=doc)(command)
+
+
+ATTACKS_DOC: dict[str, str] = {}
+
+
+def _run_attack(name: str, kw: dict[str, Any]) -> None:
+    from stealguard.artifacts import save_classifier
+    from stealguard.attacks import AttackConfig, parse_attack_params
+    from stealguard.formats import load_victim
+    from stealguard.pipeline import steal
+
+    params: dict[str, Any] = parse_attack_params(kw["param"])
+    for key, value in kw.items():
+        if key.startswith("p_") and value is not None:
+            if key[2:] in params:
+                raise StealguardError(f"attack parameter {key[2:]!r} given twice (--param "
+                                      "and its own option)")
+            params[key[2:]] = value
+    given = {"epochs": kw["epochs"], "optimizer": kw["optimizer"], "lr": kw["lr"]}
+    if any(v is not None for v in given.values()):
+        params["clone"] = _config(batch_size=kw["batch_size"], seed=params.get("seed", 0),
+                                  **given)
+    data = kw["data"]
+    if data is not None and "@" not in data:
+        data = f"{data}@{kw['data_split']}"
+    AttackConfig.parse({"name": name, "params": params, "data": data})  # before any work
+    device = _device(kw["device"])
+    victim = load_victim(kw["victim_path"])
+    params.setdefault("arch", victim.model.arch)
+    cfg = AttackConfig.parse({"name": name, "params": params, "data": data})
+    blackbox = None
+    if kw["target"] is not None:
+        if kw["api_key"] is None or kw["defense"] is not None:
+            raise StealguardError("--target needs --api-key, and takes no --defense (the "
+                                  "service applies its own)")
+        from stealguard.service.client import HttpBlackBox
+
+        blackbox = HttpBlackBox(kw["target"], kw["api_key"])
+    r = steal(victim, cfg, budget=kw["budget"],
+              defense=_defense(victim.model, kw["defense"], kw["defense_param"]),
+              output=kw["output"], data_root=kw["data_root"], device=device,
+              progress=not kw["as_json"], blackbox=blackbox)
+    clone = r.pop("clone")
+    if kw["save_clone"] is not None:
+        clone_cfg = params.get("clone")
+        save_classifier(kw["save_clone"], clone, dataset=victim.dataset, classes=victim.classes,
+                        train_config=clone_cfg.model_dump() if clone_cfg else {},
+                        metrics={"test_accuracy": r["clone_accuracy"]},
+                        extra={"stolen_from": str(kw["victim_path"]), "attack": name})
+        r["clone_artifact"] = str(kw["save_clone"])
+    _emit(r, kw["as_json"], name)
 
 
 def _register_service_commands() -> None:
@@ -251,6 +304,7 @@ def _register_attack_commands() -> None:
     from stealguard.attacks import ATTACKS
 
     for name in ATTACKS.names():
+        ATTACKS_DOC[name] = (ATTACKS.get(name).__doc__ or name).strip().splitlines()[0]
         _attack_command(name)
 
 
@@ -303,6 +357,19 @@ def defenses(as_json: bool = Json) -> None:
     described = describe_defenses()
     if as_json:
         print(json.dumps({"defenses": described}))
+        return
+    for name, params in described.items():
+        print(name + "".join(f"\n    {k}: {v}" for k, v in params.items()))
+
+
+@app.command()
+def attacks(as_json: bool = Json) -> None:
+    """List the registered attacks and their parameters (--param key=value on `attack`)."""
+    from stealguard.attacks import describe_attacks
+
+    described = describe_attacks()
+    if as_json:
+        print(json.dumps({"attacks": described}, default=str))
         return
     for name, params in described.items():
         print(name + "".join(f"\n    {k}: {v}" for k, v in params.items()))

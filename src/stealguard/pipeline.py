@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
-from stealguard.attacks import ATTACKS, build_attack
+from stealguard.attacks import AttackConfig, AttackParams, build_attack, validate_attack
+from stealguard.attacks.config import split_data_name
 from stealguard.blackbox import BlackBox, LocalBlackBox
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.defenses import Defense
 from stealguard.formats import load_victim, save_victim
+from stealguard.errors import ConfigError
 from stealguard.metrics import clone_metrics
 from stealguard.models import build_model
 from stealguard.training import TrainConfig, accuracy, train
@@ -58,41 +61,58 @@ def test_set_for(victim: Victim, *, data_root: str | Path | None = None) -> Imag
 
 
 def steal(
-    victim: Victim, *, attack: str = "knockoff", data: str, budget: int,
-    data_split: str = "train", options: Mapping[str, Any] | None = None,
-    config: TrainConfig | None = None, preset: str = "edm", seed_size: int | None = None,
+    victim: Victim, attack: str | AttackConfig = "knockoff", *,
+    data: str | ImageDataset | torch.Tensor | None = None,
+    params: AttackParams | Mapping[str, Any] | None = None, budget: int,
     defense: Defense | None = None, output: str = "probs", data_root: str | Path | None = None,
     device: str | torch.device | None = "cpu", progress: bool = True,
-    blackbox: BlackBox | None = None, jacobian: Mapping[str, Any] | None = None,
+    blackbox: BlackBox | None = None,
 ) -> dict[str, Any]:
     """Run a registered attack against the (optionally defended) victim through a black box;
     return the papers' metrics, the query counts and the clone (key "clone").
 
-    data: the attacker's images: the surrogate set (knockoff, adaptive_averaging) or the
-    in-distribution seed set (the Jacobian family), read from `data_split`.
-    options: AttackerOptions fields; the clone's architecture defaults to the victim's.
+    attack: a registered attack's name, or an `AttackConfig` (name, params, data; then
+        `data` and `params` are not given here).
+    data: the attacker's images: a dataset name (`name` or `name@split`, default split
+        train) or an `ImageDataset` / image tensor; None for a data-free attack.
+    params: the attack's `Params` (or a mapping of its fields); the clone's architecture
+        defaults to the victim's.
     blackbox: query this black box (for example an HttpBlackBox in front of a service serving
     the victim) instead of a LocalBlackBox around `victim.model`; the budget still applies.
-    jacobian: overrides of the Jacobian family's preset (rounds, step, ...).
     """
-    images = load_dataset(data, data_split, data_root=data_root)
-    opts = dict(options or {})
-    if "arch" not in opts:  # the victim's, or a registered default (with a warning)
-        opts["arch"] = clone_arch(victim.model)
-    role = getattr(ATTACKS.get(attack), "data_role", "surrogate")
-    extra = {"jacobian": jacobian} if jacobian is not None else {}
-    atk = build_attack(attack, **{role: images}, options=opts, config=config, preset=preset,
-                       seed_size=seed_size, device=device, progress=progress, **extra)
+    if isinstance(attack, AttackConfig):
+        if data is not None or params is not None:
+            raise ConfigError("steal: give data= and params= in the AttackConfig, not beside it")
+        data, params, attack = attack.data, attack.params, attack.name
+    values = (params.model_dump(exclude_unset=True) if isinstance(params, BaseModel)
+              else dict(params or {}))
+    if "arch" not in values:  # the victim's, or a registered default (with a warning)
+        values["arch"] = clone_arch(victim.model)
+    typed = validate_attack(attack, values)
+    images, data_label = _attacker_data(data, data_root)
+    atk = build_attack(attack, images, typed, device=device, progress=progress)
     bb = blackbox or LocalBlackBox(victim.model, defense=defense, budget=budget, output=output,
-                                   device=device)
+                                   device=device or "cpu")
     before = bb.queries_used
     result = atk(bb, budget)
     test = test_set_for(victim, data_root=data_root)
     metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,
                             victim_accuracy=victim.test_accuracy)
-    return {"attack": attack, "data": f"{data}/{data_split}", "labels": opts.get("labels", "soft"),
+    return {"attack": attack, "data": data_label, "labels": getattr(typed, "labels", "soft"),
             "queries": result.queries, "blackbox_count": bb.queries_used - before, **metrics,
             "clone": result.clone}
+
+
+def _attacker_data(data: str | ImageDataset | torch.Tensor | None,
+                   data_root: str | Path | None
+                   ) -> tuple[ImageDataset | torch.Tensor | None, str | None]:
+    """The attacker's images and how to name them in a result ("mnist/train")."""
+    if isinstance(data, str):
+        name, split = split_data_name(data)
+        return load_dataset(name, split, data_root=data_root), f"{name}/{split}"
+    if isinstance(data, ImageDataset):
+        return data, f"{data.name}/{data.split}"
+    return data, None if data is None else "tensor"
 
 
 def steal_knockoff(
@@ -102,7 +122,8 @@ def steal_knockoff(
     progress: bool = True,
 ) -> dict[str, Any]:
     """KnockoffNets (random strategy) against the victim: `steal` with the demo's arguments."""
-    options = {"labels": labels, "seed": config.seed, **({"arch": arch} if arch else {})}
-    return steal(victim, attack="knockoff", data=surrogate, budget=budget, options=options,
-                 config=config, defense=defense, output=output, data_root=data_root,
-                 device=device, progress=progress)
+    params = {"labels": labels, "seed": config.seed, "clone": config,
+              **({"arch": arch} if arch else {})}
+    return steal(victim, "knockoff", data=surrogate, params=params, budget=budget,
+                 defense=defense, output=output, data_root=data_root, device=device,
+                 progress=progress)

@@ -11,24 +11,29 @@ enough to land on other members) and trains on the average answer:
 an adaptive KnockoffNets that spends K queries per image (Q / K images for a budget Q). EDM
 Table 5 (MNIST): 51.3 % (EDM) -> 72.0 % (adaptive), undefended 90.2 %.
 
-    attack = AdaptiveAveraging(fashion_train, k=5)
+    attack = AdaptiveAveraging(fashion_train, {"k": 5})
     result = attack(edm_blackbox, budget=50_000)   # 10,000 images x 5 queries
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import ClassVar
 
-import torch
+from pydantic import Field
 
-from stealguard.attacks.base import ATTACKS
+from stealguard.attacks.base import ATTACKS, AttackParams
 from stealguard.attacks.knockoff import KnockoffNets
-from stealguard.attacks.options import AttackerOptions, parse_options
+from stealguard.attacks.options import AttackerOptions, CloneOptions
 from stealguard.attacks.transforms import AffineColorJitter
-from stealguard.data import ImageDataset
-from stealguard.errors import ConfigError
-from stealguard.training import TrainConfig
+
+
+class AdaptiveParams(CloneOptions):
+    """KnockoffNets' params without nquery / query_aug (this attack sets them): K and the
+    transform ranges instead."""
+
+    k: int = Field(5, ge=1, description="perturbed queries per image K, >= 1 (the paper's 5)")
+    jitter: AffineColorJitter = Field(default_factory=lambda: AffineColorJitter(),
+                                      description="the random affine + colour ranges")
 
 
 @ATTACKS.register("adaptive_averaging")
@@ -37,26 +42,18 @@ class AdaptiveAveraging(KnockoffNets):
     the K answers averaged.
 
     Args:
-        surrogate: the attacker's image set.
-        k: perturbed queries per image (the paper's K = 5).
-        jitter: the transform ranges (default `AffineColorJitter()`); overrides options.jitter.
-        options: the other attacker options (labels, arch, ...); nquery, nquery_mode and
-            query_aug are this attack's own and may not be set.
-        config, device, progress: as KnockoffNets.
+        data: the attacker's image set.
+        params: `AdaptiveAveraging.Params`: k (perturbed queries per image, the paper's
+            K = 5), jitter (the transform ranges, `AffineColorJitter()`), and the attacker's
+            labels, arch, seed, query_batch, clone.
+        device, progress, **fields: as KnockoffNets.
     """
 
-    def __init__(
-        self, surrogate: ImageDataset, *, k: int = 5, jitter: AffineColorJitter | None = None,
-        options: AttackerOptions | Mapping[str, Any] | None = None,
-        config: TrainConfig | None = None, device: str | torch.device | None = "cpu",
-        progress: bool = False,
-    ) -> None:
-        base = parse_options(options)
-        if base.nquery != 1 or base.query_aug != "none" or base.nquery_mode != "average":
-            raise ConfigError("adaptive_averaging sets nquery (= k), nquery_mode and query_aug "
-                              "itself; pass k= and jitter= instead")
-        if k < 1:
-            raise ConfigError(f"k (queries per image) must be >= 1, got {k}")
-        opts = parse_options(base, nquery=k, query_aug="affine_color", jitter=jitter)
-        super().__init__(surrogate, config=config, device=device, progress=progress,
-                         options=opts)
+    Params: ClassVar[type[AttackParams]] = AdaptiveParams
+
+    def query_options(self) -> AttackerOptions:
+        p = self.params
+        assert isinstance(p, AdaptiveParams)
+        return AttackerOptions(labels=p.labels, arch=p.arch, query_batch=p.query_batch,
+                               seed=p.seed, nquery=p.k, nquery_mode="average",
+                               query_aug="affine_color", jitter=p.jitter)

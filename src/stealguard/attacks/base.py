@@ -1,18 +1,30 @@
-"""The attack interface and the one clone-training path every attack shares.
+"""The attack interface, its typed parameters, and the one clone-training path.
 
 An attack takes a black box and a query budget and returns an `AttackResult`: the clone,
 the transfer set it was trained on (inputs and the black box's answers), the number of
 queries it spent, and a log. Attacks only ever see the victim through `BlackBox.query`.
+
+Attacks are declared like defenses: each registered attack has a typed `Params` model
+(pydantic, frozen, unknown fields refused, every field's description gives its valid range)
+and is built from the attacker's data and those params:
+
+    class MyAttack(Attack):
+        class Params(CloneOptions):            # labels, arch, seed, query_batch, clone
+            rounds: int = Field(3, ge=1, description="query rounds, >= 1")
+        def __init__(self, data, params=None, *, device="cpu", progress=False, **fields): ...
+
+    attack = build_attack("my_attack", images, {"rounds": 5})   # stealguard.attacks.build
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from stealguard.blackbox import BlackBox
 from stealguard.errors import ConfigError
@@ -21,6 +33,49 @@ from stealguard.registry import Registry
 from stealguard.training import TrainConfig, TrainLog, train
 
 LabelMode = Literal["soft", "hard"]
+
+
+class AttackParams(BaseModel):
+    """Typed, validated parameters of one attack. Unknown fields are refused; frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def validate_attack_params(attack: str, params_cls: type[P],
+                           values: BaseModel | Mapping[str, Any] | None = None,
+                           **overrides: Any) -> P:
+    """`values` (an instance, a mapping of typed values or CLI strings like "0.5", or None)
+    with `overrides` applied (None = keep), validated into `params_cls`.
+
+    Raises ConfigError naming the attack, each bad parameter and its valid range, and for an
+    unknown one the valid names.
+    """
+    base = (values.model_dump(exclude_unset=True) if isinstance(values, BaseModel)
+            else dict(values or {}))
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return params_cls.model_validate(base)
+    except ValidationError as e:
+        problems = [_describe_error(params_cls, err) for err in e.errors()]
+        raise ConfigError(f"attack {attack!r}: " + "; ".join(problems)) from None
+
+
+def _describe_error(params_cls: type[BaseModel], err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    field = ".".join(loc) or "?"
+    info = params_cls.model_fields.get(loc[0]) if loc else None
+    valid = info.description if info is not None and info.description else "see the docs"
+    if err["type"] == "extra_forbidden" and len(loc) == 1:
+        names = ", ".join(params_cls.model_fields) or "(none)"
+        return f"unknown parameter {field!r}; valid parameters: {names}"
+    if err["type"] == "missing":
+        return f"parameter {field!r} is required: {valid}"
+    if len(loc) > 1:  # inside a nested model (clone.lr, jitter.hue): pydantic's message says it
+        return f"{field}={err.get('input')!r} is invalid ({err['msg']})"
+    return f"{field}={err.get('input')!r} is invalid ({err['msg']}); valid: {valid}"
 
 
 @dataclass
@@ -34,7 +89,12 @@ class AttackResult:
 
 
 class Attack(ABC):
-    """Subclasses implement `run`; `__call__` checks the budget accounting around it."""
+    """Subclasses declare `Params` and implement `run`; `__call__` checks the budget
+    accounting around it. `params` holds the validated parameters the attack was built with."""
+
+    Params: ClassVar[type[AttackParams]] = AttackParams
+    registered_name: ClassVar[str] = ""  # set by ATTACKS.register
+    params: AttackParams
 
     @abstractmethod
     def run(self, blackbox: BlackBox, budget: int) -> AttackResult: ...
@@ -85,4 +145,21 @@ def train_clone(
 
 
 AttackFactory = Callable[..., Attack]
-ATTACKS: Registry[AttackFactory] = Registry("attack")
+
+
+class AttackRegistry(Registry[AttackFactory]):
+    """The attack registry; a registered class learns its name (`registered_name`), so its
+    errors can say which attack refused what."""
+
+    def register(self, name: str) -> Callable[[AttackFactory], AttackFactory]:
+        add = super().register(name)
+
+        def decorator(obj: AttackFactory) -> AttackFactory:
+            if isinstance(obj, type):
+                obj.registered_name = name  # type: ignore[attr-defined]
+            return add(obj)
+
+        return decorator
+
+
+ATTACKS: AttackRegistry = AttackRegistry("attack")

@@ -1,80 +1,86 @@
-"""One entry point from a name and plain options to a ready attack (for the CLI and specs).
+"""Build a registered attack by name from the attacker's data and its typed parameters.
 
-    attack = build_attack("jbda", seed_set=load_dataset("mnist", "test"), preset="edm",
-                          options={"labels": "hard"})
-    attack = build_attack("knockoff", surrogate=load_dataset("fashionmnist", "train"),
-                          config=TrainConfig(epochs=50, lr=0.1))
+    attack = build_attack("jbda", load_dataset("mnist", "train"), {"preset": "edm",
+                          "seed_size": 128, "labels": "hard"})
+    attack = build_attack("knockoff", load_dataset("fashionmnist", "train"),
+                          {"clone": {"epochs": 50, "lr": 0.1}})
+
+Values may be typed or strings from the command line ("0.5", "true", "budget"); the attack's
+`Params` model converts and validates them. Unknown names raise UnknownNameError (listing the
+valid names); bad parameters raise ConfigError naming the parameter and its valid range.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
-from stealguard.attacks.base import ATTACKS, Attack
-from stealguard.attacks.jacobian import (
-    DEFAULT_SEED_SIZE,
-    MAD_SEED_SIZES,
-    JacobianAttack,
-    JacobianConfig,
-)
-from stealguard.attacks.options import AttackerOptions
+from stealguard.attacks.base import ATTACKS, Attack, AttackParams, validate_attack_params
 from stealguard.data import ImageDataset
 from stealguard.errors import ConfigError
-from stealguard.training import TrainConfig
 
 
-def build_attack(
-    name: str, *, seed_set: ImageDataset | None = None, surrogate: ImageDataset | None = None,
-    options: AttackerOptions | Mapping[str, Any] | None = None,
-    config: TrainConfig | None = None, preset: str = "edm",
-    jacobian: JacobianConfig | Mapping[str, Any] | None = None, seed_size: int | None = None,
-    device: str | torch.device | None = "cpu", progress: bool = False,
-) -> Attack:
-    """Build the registered attack `name`.
+def attack_params_class(name: str) -> type[AttackParams]:
+    """The `Params` model of the attack registered as `name`."""
+    factory = ATTACKS.get(name)  # UnknownNameError lists the valid names
+    params_cls = getattr(factory, "Params", None)
+    if not (isinstance(params_cls, type) and issubclass(params_cls, AttackParams)):
+        raise TypeError(f"attack {name!r} declares no Params (an AttackParams subclass)")
+    return params_cls
 
-    seed_set: in-distribution images, for the Jacobian family (jbda, jbda_tr, jb_self,
-        jb_top3); `seed_size` of them are drawn at random (seeded by options.seed); default:
-        MAD's size for the dataset under preset "mad", else 128 (or all, if fewer).
-    surrogate: the attacker's own images, for knockoff and adaptive_averaging.
-    options: AttackerOptions or a mapping of its fields (labels, arch, nquery, nquery_mode,
-        query_aug, ...); unknown fields are refused.
-    config: the training of the clone the attack returns (None: the attack's / preset's).
-    preset, jacobian: the Jacobian family's settings ("edm" / "mad", field overrides).
+
+def validate_attack(name: str, params: BaseModel | Mapping[str, Any] | None = None
+                    ) -> AttackParams:
+    """`params` validated by attack `name`'s Params (ConfigError names each bad field)."""
+    return validate_attack_params(name, attack_params_class(name), params)
+
+
+def build_attack(name: str, data: ImageDataset | torch.Tensor | None = None,
+                 params: BaseModel | Mapping[str, Any] | None = None, *,
+                 device: str | torch.device | None = "cpu", progress: bool = False) -> Attack:
+    """The attack registered as `name`, on the attacker's `data`, with validated `params`.
+
+    data: the attacker's images: the surrogate set of KnockoffNets, the in-distribution images
+        the Jacobian family draws its seed set from (None for a data-free attack).
+    params: the attack's `Params`, or a mapping of its fields (typed or strings).
+    device, progress: where the clone trains; progress bars.
     """
-    cls = ATTACKS.get(name)
-    role = getattr(cls, "data_role", "surrogate")
-    given = {"seed_set": seed_set, "surrogate": surrogate}
-    data, other = given.pop(role), next(iter(given))
-    if data is None or given[other] is not None:
-        what = "in-distribution seed images" if role == "seed_set" else "the attacker's images"
-        raise ConfigError(f"attack {name!r} takes {role}= ({what}), not {other}=")
-    if _is_jacobian(cls):
-        data = _seed_subset(data, preset, seed_size, options)
-        return cls(data, preset=preset, jacobian=jacobian, options=options, config=config,
-                   device=device, progress=progress)
-    if jacobian is not None or seed_size is not None:
-        raise ConfigError(f"attack {name!r} takes no jacobian= or seed_size= "
-                          "(Jacobian family only)")
-    return cls(data, options=options, config=config, device=device, progress=progress)
+    typed = validate_attack(name, params)
+    return ATTACKS.get(name)(data, typed, device=device, progress=progress)
 
 
-def _is_jacobian(factory: object) -> bool:
-    return isinstance(factory, type) and issubclass(factory, JacobianAttack)
+def parse_attack_params(items: Iterable[str]) -> dict[str, Any]:
+    """["seed_size=20", "clone.lr=0.1"] -> {"seed_size": "20", "clone": {"lr": "0.1"}}
+    (values stay strings; a dotted key sets a field of a nested model)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"attack parameter {item!r} must look like name=value, for "
+                              "example seed_size=100 or clone.epochs=10")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"attack parameter {key!r} sets a field of {part!r}, "
+                                  "which was given a value")
+        if leaf in node:
+            raise ConfigError(f"attack parameter {key!r} given twice")
+        node[leaf] = value
+    return out
 
 
-def _seed_subset(data: ImageDataset, preset: str, seed_size: int | None,
-                 options: AttackerOptions | Mapping[str, Any] | None) -> ImageDataset:
-    if seed_size is None:  # the preset's size, or all of a smaller set
-        default = MAD_SEED_SIZES.get(data.name, 100) if preset == "mad" else DEFAULT_SEED_SIZE
-        seed_size = min(default, len(data))
-    if seed_size < 1:
-        raise ConfigError(f"seed_size must be >= 1, got {seed_size}")
-    if seed_size > len(data):
-        raise ConfigError(f"seed_size {seed_size} exceeds the {len(data)} images of "
-                          f"{data.name}/{data.split}")
-    seed = (options.seed if isinstance(options, AttackerOptions)
-            else int((options or {}).get("seed", 0)))
-    return data.subset(seed_size, seed=seed)
+def describe_attacks() -> dict[str, dict[str, str]]:
+    """{attack name: {parameter: "default ...: valid range"}} for help texts."""
+    out: dict[str, dict[str, str]] = {}
+    for name in ATTACKS:
+        fields = attack_params_class(name).model_fields
+        out[name] = {f: (("required" if info.is_required() else
+                          f"default {info.get_default(call_default_factory=True)!r}")
+                         + f": {info.description or ''}") for f, info in fields.items()}
+    return out

@@ -21,7 +21,10 @@ Presets:
            authors' code); a fresh clone each round (20 epochs SGD 0.1) and a final fresh clone
            on the whole transfer set (MAD section 5.1: SGD lr 0.1, momentum 0.5, 30 epochs).
 
-    attack = JBDA(mnist_test.subset(128), preset="edm")
+Params (`JacobianParams`): preset, seed_size, rounds, step, tau, kappa, sigma, round_config,
+warm_start, grad_batch, and the attacker's options (labels, arch, nquery, ..., clone).
+
+    attack = JBDA(mnist_train, {"preset": "edm", "seed_size": 128})
     result = attack(blackbox, budget=50_000)
 
 JBDA-TR, JB-self and JB-top3 (jbda_tr.py, jb_self.py, jb_top3.py) change only step (iii).
@@ -32,18 +35,24 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from stealguard.attacks.base import ATTACKS, Attack, AttackResult, train_clone
+from stealguard.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackParams,
+    AttackResult,
+    train_clone,
+    validate_attack_params,
+)
 from stealguard.attacks.options import (
     AttackerOptions,
     image_stats,
     parse_model,
-    parse_options,
     query_images,
     spendable,
 )
@@ -126,41 +135,116 @@ def sign_gradient(clone: Classifier, x: torch.Tensor, labels: torch.Tensor, *,
     return torch.cat(out) if out else torch.zeros_like(x, dtype=torch.float32)
 
 
+class JacobianParams(AttackerOptions):
+    """The Jacobian family's parameters: the preset, its overrides, the seed-set size, and
+    the attacker's options. A field left at None takes the preset's value."""
+
+    preset: Literal["edm", "mad"] = Field("edm", description="edm (EDM section 5.1) or mad "
+                                          "(MAD appendix D): the defaults of the fields below")
+    seed_size: int | None = Field(None, ge=1, description=(
+        "seed images drawn at random from the data, >= 1; default: the preset's (edm 128; "
+        "mad 100 MNIST/FashionMNIST, 500 CIFAR-10, 1000 CIFAR-100), or all of a smaller set"))
+    rounds: int | Literal["budget"] | None = Field(None, description=(
+        "query -> train (-> augment) rounds, >= 1, or 'budget' (until the budget is spent); "
+        "default: the preset's (edm 6, mad budget)"))
+    step: float | None = Field(None, gt=0, description="lambda (EDM's beta) in pixel units "
+                               "of [0, 1], > 0; default: the preset's (edm 0.2, mad 0.1)")
+    tau: int | None = Field(None, ge=1, description="flip the step's sign every tau rounds, "
+                            ">= 1; default: the preset's (edm never, mad 5)")
+    kappa: int | None = Field(None, ge=1, description="reservoir: augment only kappa points "
+                              "per round, >= 1 (default: all)")
+    sigma: int | None = Field(None, ge=0, description="... from round sigma on, >= 0 "
+                              "(default 3)")
+    round_config: TrainConfig | None = Field(None, description=(
+        "each round's clone training; default: the preset's (edm 10 epochs Adam 1e-3, "
+        "mad 20 epochs SGD 0.1); under edm it is the returned clone's too, so give clone"))
+    warm_start: bool | None = Field(None, description="keep training one clone through the "
+                                    "rounds; default: the preset's (edm yes, mad no)")
+    grad_batch: int = Field(1024, ge=1, description="images per batched backward pass, >= 1")
+
+    @field_validator("rounds")
+    @classmethod
+    def _positive_rounds(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"rounds must be >= 1 (round 1 queries the seed set and trains), "
+                             f"got {v}; use 'budget' to run until the budget is spent")
+        return v
+
+    def jacobian_config(self) -> JacobianConfig:
+        """The preset's JacobianConfig with the fields given here; `clone` replaces the
+        preset's final training if it has one, else every round's."""
+        overrides: dict[str, Any] = {f: getattr(self, f) for f in _JACOBIAN_FIELDS
+                                     if getattr(self, f) is not None}
+        if self.rounds == "budget":
+            overrides["rounds"] = None
+        cfg = jacobian_config(self.preset, overrides)
+        if self.clone is not None:
+            if cfg.final_config is not None:
+                cfg = cfg.model_copy(update={"final_config": self.clone})
+            elif self.round_config is not None:
+                raise ConfigError(f"preset {self.preset!r} trains the returned clone in its "
+                                  "rounds: give clone or round_config, not both")
+            else:
+                cfg = cfg.model_copy(update={"round_config": self.clone})
+        return cfg
+
+
+_JACOBIAN_FIELDS = ("rounds", "step", "tau", "kappa", "sigma", "round_config", "warm_start",
+                    "grad_batch")
+
+
 class JacobianAttack(Attack):
     """The rounds of Papernot's algorithm; subclasses give step (iii) as `augment`.
 
     Args:
-        seed_set: in-distribution images (an ImageDataset or uint8/float (N, C, H, W)); every
-            image is queried; shape must be the victim's.
-        preset: "edm" or "mad" (see the module docstring).
-        jacobian: a JacobianConfig, or a mapping of fields that override the preset's.
-        options: the attacker's options (labels, arch, nquery, ...).
-        config: the training of the returned clone; replaces the preset's final_config if it
-            has one, else its round_config.
+        data: in-distribution images (an ImageDataset or uint8/float (N, C, H, W)) of the
+            victim's shape; `seed_size` of them, drawn at random (seeded by `seed`), are the
+            seed set S_0, and every one of them is queried.
+        params: `JacobianParams` (or a mapping of its fields): preset ("edm" or "mad", see
+            the module docstring), its overrides (rounds, step, tau, ...), seed_size, the
+            attacker's options (labels, arch, nquery, ...) and `clone`, the training of the
+            returned clone (replaces the preset's final training if it has one, else each
+            round's).
         device, progress: where the clone trains; a progress bar.
+        **fields: shortcuts that override the same fields of `params`.
     """
 
-    data_role = "seed_set"
+    Params: ClassVar[type[AttackParams]] = JacobianParams
     points_per_image = 1  # new points step (iii) makes from one point
 
     def __init__(
-        self, seed_set: ImageDataset | torch.Tensor, *, preset: str = "edm",
-        jacobian: JacobianConfig | Mapping[str, Any] | None = None,
-        options: AttackerOptions | Mapping[str, Any] | None = None,
-        config: TrainConfig | None = None, device: str | torch.device | None = "cpu",
-        progress: bool = False,
+        self, data: ImageDataset | torch.Tensor | None,
+        params: BaseModel | Mapping[str, Any] | None = None, *,
+        device: str | torch.device | None = "cpu", progress: bool = False, **fields: Any,
     ) -> None:
-        self.jacobian = jacobian_config(preset, jacobian)
-        if config is not None:
-            field = "final_config" if self.jacobian.final_config else "round_config"
-            self.jacobian = self.jacobian.model_copy(update={field: config})
-        self.options = parse_options(options)
-        images = seed_set.images if isinstance(seed_set, ImageDataset) else seed_set
+        name = type(self).registered_name or type(self).__name__
+        p = validate_attack_params(name, self.Params, params, **fields)
+        assert isinstance(p, JacobianParams)
+        self.params = p
+        self.jacobian = p.jacobian_config()
+        self.options: AttackerOptions = p
+        images = data.images if isinstance(data, ImageDataset) else data
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-            raise InputError("seed_set must hold at least one image (N, C, H, W), got "
+            raise InputError(f"attack {name!r} needs in-distribution seed images (data=, at "
+                             "least one image (N, C, H, W)), got "
                              f"{getattr(images, 'shape', type(images).__name__)}")
-        self.seed_set, self.seed_images = seed_set, images
+        self.seed_set: ImageDataset | torch.Tensor = data if data is not None else images
+        self.seed_images = self._seed_subset(images, getattr(data, "name", ""))
         self.device, self.progress = device, progress
+
+    def _seed_subset(self, images: torch.Tensor, dataset: str) -> torch.Tensor:
+        """S_0: `seed_size` images drawn at random (all of them, shuffled, when fewer)."""
+        p = self.params
+        assert isinstance(p, JacobianParams)
+        size = p.seed_size
+        if size is None:
+            default = MAD_SEED_SIZES.get(dataset, 100) if p.preset == "mad" else DEFAULT_SEED_SIZE
+            size = min(default, images.shape[0])
+        if size > images.shape[0]:
+            raise ConfigError(f"seed_size {size} exceeds the {images.shape[0]} images of "
+                              f"{dataset or 'the seed data'}")
+        idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(p.seed))
+        return images[idx[:size]]
 
     @property
     def clone_config(self) -> TrainConfig:

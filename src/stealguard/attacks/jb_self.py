@@ -9,7 +9,7 @@ As a targeted step (the sign of the MAD authors' code):
 
 The rounds are JBDA's (jacobian.py); the MAD preset is the paper's setting.
 
-    attack = JBSelf(mnist_test.subset(100), preset="mad")
+    attack = JBSelf(mnist_train, {"preset": "mad"})
 """
 
 from __future__ import annotations

@@ -11,44 +11,42 @@ authors' code) each give a new point, a targeted step:
 so a round makes k points (and k queries) per point. All B * k steps are one batched
 backward pass. The rounds are JBDA's (jacobian.py).
 
-    attack = JBTop3(mnist_test.subset(100), preset="mad")
+    attack = JBTop3(mnist_train, {"preset": "mad", "k": 3})
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, Field
 
-from stealguard.attacks.base import ATTACKS
-from stealguard.attacks.jacobian import JacobianAttack, JacobianConfig, sign_gradient
-from stealguard.attacks.options import AttackerOptions
+from stealguard.attacks.base import ATTACKS, AttackParams
+from stealguard.attacks.jacobian import JacobianAttack, JacobianParams, sign_gradient
 from stealguard.data import ImageDataset
-from stealguard.errors import ConfigError
 from stealguard.models import Classifier
-from stealguard.training import TrainConfig, predict
+from stealguard.training import predict
+
+
+class JBTop3Params(JacobianParams):
+    k: int = Field(3, ge=1, description="target classes per point, >= 1 (each a query)")
 
 
 @ATTACKS.register("jb_top3")
 class JBTop3(JacobianAttack):
     """JBDA with k targeted steps per point, toward the clone's top-k other classes.
 
-    Args: as JacobianAttack, plus k: classes per point (3).
+    Args: as JacobianAttack; params add k: classes per point (3).
     """
 
-    def __init__(
-        self, seed_set: ImageDataset | torch.Tensor, *, k: int = 3, preset: str = "edm",
-        jacobian: JacobianConfig | Mapping[str, Any] | None = None,
-        options: AttackerOptions | Mapping[str, Any] | None = None,
-        config: TrainConfig | None = None, device: str | torch.device | None = "cpu",
-        progress: bool = False,
-    ) -> None:
-        if k < 1:
-            raise ConfigError(f"k (target classes per point) must be >= 1, got {k}")
-        super().__init__(seed_set, preset=preset, jacobian=jacobian, options=options,
-                         config=config, device=device, progress=progress)
-        self.points_per_image = k
+    Params: ClassVar[type[AttackParams]] = JBTop3Params
+
+    def __init__(self, data: ImageDataset | torch.Tensor | None,
+                 params: BaseModel | Mapping[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(data, params, **kw)
+        assert isinstance(self.params, JBTop3Params)
+        self.points_per_image = self.params.k
 
     def augment(self, clone: Classifier, x: torch.Tensor, answers: torch.Tensor, *,
                 step: float, generator: torch.Generator) -> torch.Tensor:

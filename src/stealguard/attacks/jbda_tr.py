@@ -10,7 +10,7 @@ y_T is drawn uniformly among the classes other than the answered label (a step t
 label the point already has would not be a targeted misclassification); pixels clipped to
 [0, 1]. The rounds are JBDA's (jacobian.py); EDM uses JBDA's settings for it.
 
-    attack = JBDATR(mnist_test.subset(128), preset="edm")
+    attack = JBDATR(mnist_train, {"preset": "edm"})
 """
 
 from __future__ import annotations

@@ -11,29 +11,39 @@ not the victim's), queries the black box with them and trains a clone on the ans
 EDM paper settings (section 5.1): surrogate FashionMNIST for MNIST, CIFAR-100 for
 CIFAR-10, Q = 50,000, SGD lr 0.1, 50 epochs, cosine annealing. With the attacker options
 (`AttackerOptions`) each image may be queried n times (Q / n images), transformed or not.
+Params: `AttackerOptions` (labels, arch, nquery, nquery_mode, query_aug, ..., clone).
 
-    attack = KnockoffNets(surrogate=fashion_train, labels="soft", arch="conv3")
+    attack = KnockoffNets(fashion_train, {"labels": "soft", "arch": "conv3"})
     result = attack(blackbox, budget=50_000)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 
-from stealguard.attacks.base import ATTACKS, Attack, AttackResult, train_clone
+from stealguard.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackParams,
+    AttackResult,
+    train_clone,
+    validate_attack_params,
+)
 from stealguard.attacks.options import (
     AttackerOptions,
+    CloneOptions,
     image_stats,
-    parse_options,
     query_images,
     spendable,
 )
 from stealguard.blackbox import BlackBox
 from stealguard.data import ImageDataset
 from stealguard.data.augment import to_shape
+from stealguard.errors import ConfigError
 from stealguard.training import TrainConfig
 
 
@@ -42,27 +52,37 @@ class KnockoffNets(Attack):
     """Random-strategy KnockoffNets.
 
     Args:
-        surrogate: the attacker's image set (its labels are never used).
-        options: the attacker's options (labels, arch, nquery, ...); see `AttackerOptions`.
-        labels, arch, query_batch, seed: shortcuts that override the same `options` fields.
-        config: clone training config (default: the EDM paper's SGD 0.1, 50 epochs, cosine).
+        data: the attacker's image set, the surrogate (its labels are never used).
+        params: `KnockoffNets.Params` (or a mapping of its fields): the attacker's options
+            (labels, arch, nquery, ...; see `AttackerOptions`) and `clone`, the clone's
+            training (default: the EDM paper's SGD 0.1, 50 epochs, cosine).
         device: where the clone trains.
+        **fields: shortcuts that override the same fields of `params` (labels="hard", ...).
     """
 
-    data_role = "surrogate"  # what `build_attack` hands it
+    Params: ClassVar[type[AttackParams]] = AttackerOptions
 
     def __init__(
-        self, surrogate: ImageDataset, *, labels: str | None = None, arch: str | None = None,
-        config: TrainConfig | None = None, query_batch: int | None = None,
-        seed: int | None = None, device: str | torch.device | None = "cpu",
-        progress: bool = False, options: AttackerOptions | Mapping[str, Any] | None = None,
+        self, data: ImageDataset | None, params: BaseModel | Mapping[str, Any] | None = None,
+        *, device: str | torch.device | None = "cpu", progress: bool = False, **fields: Any,
     ) -> None:
-        self.options = parse_options(options, labels=labels, arch=arch, query_batch=query_batch,
-                                     seed=seed)
-        self.surrogate = surrogate
-        self.config = config or TrainConfig(epochs=50, lr=0.1, optimizer="sgd",
-                                            seed=self.options.seed)
+        name = type(self).registered_name
+        p = validate_attack_params(name, self.Params, params, **fields)
+        assert isinstance(p, CloneOptions)
+        self.params: CloneOptions = p
+        if not isinstance(data, ImageDataset):
+            raise ConfigError(f"attack {name!r} needs the attacker's images (data=, an "
+                              f"ImageDataset or a dataset name), got {type(data).__name__}")
+        self.surrogate = data
+        self.options = self.query_options()
+        self.config = self.params.clone or TrainConfig(epochs=50, lr=0.1, optimizer="sgd",
+                                                       seed=self.params.seed)
         self.device, self.progress = device, progress
+
+    def query_options(self) -> AttackerOptions:
+        """How each image is queried (nquery, transforms): the params themselves here."""
+        assert isinstance(self.params, AttackerOptions)
+        return self.params
 
     @property
     def clone_config(self) -> TrainConfig:

@@ -18,6 +18,9 @@ The adaptive averaging attack on EDM (EDM appendix A.1) is the average mode with
 affine + colour transforms (query_aug="affine_color"), K = n = 5.
 
     opts = AttackerOptions(labels="hard", nquery=3, query_aug="crop_flip")
+
+`CloneOptions` (labels, arch, query_batch, seed, clone) is what every attack's `Params`
+extends; `AttackerOptions` adds the nquery options to it for the attacks that take them.
 """
 
 from __future__ import annotations
@@ -27,47 +30,36 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from stealguard.attacks.base import AttackParams
 from stealguard.attacks.transforms import AffineColorJitter, random_affine_color
 from stealguard.blackbox import BlackBox
 from stealguard.data import ImageDataset
 from stealguard.data.augment import augment_batch
 from stealguard.errors import ConfigError
 from stealguard.models import MODELS
-from stealguard.training import to_float_images
+from stealguard.training import TrainConfig, to_float_images
 
 LABEL_MODES = ("soft", "hard")
 M = TypeVar("M", bound=BaseModel)
 
 
-class AttackerOptions(BaseModel):
-    """What the attacker controls besides the attack's own algorithm. Unknown fields are refused.
+class CloneOptions(AttackParams):
+    """What every attacker controls: the labels it trains on, the clone, its randomness.
 
-    labels: "soft" trains on the returned probabilities, "hard" on their argmax.
-    arch: the clone's architecture (the papers default to the victim's).
-    nquery: answers per image; each image costs `nquery` queries.
-    nquery_mode: "average" one row per image with the mean answer; "each" one row per query.
-    query_aug: how each of the `nquery` copies is transformed before it is sent.
-    crop_padding, flip: the crop-and-flip of query_aug="crop_flip".
-    jitter: the random affine + colour ranges of query_aug="affine_color".
-    query_batch: images per `BlackBox.query` call.
-    seed: every random choice of the attack (images, targets, transforms); the clone's
-        initialisation and batch order come from its TrainConfig.seed.
+    The `Params` of every attack extend this (unknown fields are refused).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    labels: str = "soft"
-    arch: str = "conv3"
-    nquery: int = Field(default=1, ge=1)
-    nquery_mode: Literal["average", "each"] = "average"
-    query_aug: Literal["none", "crop_flip", "affine_color"] = "none"
-    crop_padding: int = Field(default=4, ge=0)
-    flip: bool = True
-    jitter: AffineColorJitter = Field(default_factory=lambda: AffineColorJitter())
-    query_batch: int = Field(default=512, ge=1)
-    seed: int = 0
+    labels: str = Field("soft", description="soft (train on the probabilities) or hard "
+                        "(on their argmax)")
+    arch: str = Field("conv3", description="the clone's architecture, a registered model "
+                      "(the papers use the victim's; `steal` defaults to it)")
+    query_batch: int = Field(512, ge=1, description="images per black-box query call, >= 1")
+    seed: int = Field(0, description="every random choice of the attack (images, targets, "
+                      "transforms), and the default clone training's seed")
+    clone: TrainConfig | None = Field(None, description="the training of the clone the attack "
+                                      "returns (None: the attack's default)")
 
     @field_validator("labels")
     @classmethod
@@ -83,6 +75,30 @@ class AttackerOptions(BaseModel):
             valid = ", ".join(MODELS.names())
             raise ValueError(f"unknown clone architecture {v!r}; valid: {valid}")
         return v
+
+
+class AttackerOptions(CloneOptions):
+    """The MAD paper's attacker options (section 5.2.3) besides the attack's own algorithm.
+
+    nquery: answers per image; each image costs `nquery` queries.
+    nquery_mode: "average" one row per image with the mean answer; "each" one row per query.
+    query_aug: how each of the `nquery` copies is transformed before it is sent.
+    crop_padding, flip: the crop-and-flip of query_aug="crop_flip".
+    jitter: the random affine + colour ranges of query_aug="affine_color".
+    The clone's initialisation and batch order come from its TrainConfig.seed.
+    """
+
+    nquery: int = Field(1, ge=1, description="answers per image, >= 1 (each costs a query)")
+    nquery_mode: Literal["average", "each"] = Field(
+        "average", description="average: one row per image with the mean answer; each: one "
+        "row per query")
+    query_aug: Literal["none", "crop_flip", "affine_color"] = Field(
+        "none", description="the transform of each of the nquery copies: none, crop_flip, "
+        "affine_color")
+    crop_padding: int = Field(4, ge=0, description="query_aug=crop_flip: padding, >= 0")
+    flip: bool = Field(True, description="query_aug=crop_flip: random horizontal flips")
+    jitter: AffineColorJitter = Field(default_factory=lambda: AffineColorJitter(),
+                                      description="query_aug=affine_color: the ranges")
 
 
 def parse_model(cls: type[M], value: BaseModel | Mapping[str, Any] | None, what: str,
@@ -101,7 +117,7 @@ def parse_model(cls: type[M], value: BaseModel | Mapping[str, Any] | None, what:
         raise ConfigError(f"invalid {what}: {problems} (valid {what}: {valid})") from None
 
 
-def parse_options(value: AttackerOptions | Mapping[str, Any] | None = None,
+def parse_options(value: BaseModel | Mapping[str, Any] | None = None,
                   **overrides: Any) -> AttackerOptions:
     """AttackerOptions from an instance / mapping / None plus keyword overrides."""
     return parse_model(AttackerOptions, value, "attacker options", **overrides)

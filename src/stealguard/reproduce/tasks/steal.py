@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stealguard.attacks import ATTACKS, parse_options
+from stealguard.attacks import ATTACKS, AttackConfig, attack_params_class
 from stealguard.defenses import Defense, DefenseConfig
 from stealguard.defenses.metrics import defense_metrics
 from stealguard.pipeline import steal, test_set_for
@@ -71,12 +71,30 @@ class StealCell(CellBase):
 
     @model_validator(mode="after")
     def _options(self) -> StealCell:
-        parse_options({"arch": self.victim.arch, **self.options})  # names a bad field
-        jacobian_family = getattr(ATTACKS.get(self.attack), "data_role", "") == "seed_set"
-        if not jacobian_family and (self.jacobian is not None or self.seed_size is not None):
+        self.attack_config()  # names a bad field
+        return self
+
+    def attack_config(self) -> AttackConfig:
+        """The cell's attack as one AttackConfig: its options and clone, and for the Jacobian
+        family the preset, seed-set size and Jacobian overrides, as params. (A spec's
+        `preset` applies to the attacks that have one; `seed_size` and `jacobian` to no other
+        attack.)"""
+        fields = attack_params_class(self.attack).model_fields
+        params: dict[str, Any] = {"seed": self.seed, "arch": self.victim.arch, **self.options}
+        if self.clone is not None:
+            params["clone"] = self.clone.model_copy(update={"seed": self.seed})
+        if "preset" in fields:
+            params["preset"] = self.preset
+        jac = dict(self.jacobian or {})
+        if "rounds" in jac and jac["rounds"] is None:
+            jac["rounds"] = "budget"
+        if self.seed_size is not None:
+            jac["seed_size"] = self.seed_size
+        if jac and "rounds" not in fields:
             raise ValueError(f"jacobian and seed_size are for the Jacobian family (jbda, "
                              f"jbda_tr, jb_self, jb_top3), not attack {self.attack!r}")
-        return self
+        return AttackConfig(name=self.attack, params={**params, **jac},
+                            data=f"{self.queries}@{self.queries_split}")
 
 
 @TASKS.register("steal")
@@ -89,11 +107,7 @@ class Steal(Task):
         victim = tv.victim
         defense = build_cell_defense(cell.defense, victim, seed=cell.seed,
                                      components=tv.components)
-        options = {"seed": cell.seed, **cell.options}
-        clone = cell.clone.model_copy(update={"seed": cell.seed}) if cell.clone else None
-        r = steal(victim, attack=cell.attack, data=cell.queries, data_split=cell.queries_split,
-                  budget=cell.budget, options=options, config=clone, preset=cell.preset,
-                  seed_size=cell.seed_size, jacobian=cell.jacobian, defense=defense,
+        r = steal(victim, cell.attack_config(), budget=cell.budget, defense=defense,
                   device=ctx.device, data_root=ctx.data_root, progress=ctx.progress)
         metrics = {k: float(r[k]) for k in ("clone_accuracy", "normalized_accuracy",
                                              "agreement", "victim_accuracy", "queries")}
