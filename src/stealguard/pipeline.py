@@ -19,8 +19,8 @@ from stealguard.blackbox import BlackBox, LocalBlackBox
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.defenses import Defense
-from stealguard.formats import load_victim, save_victim
 from stealguard.errors import ConfigError
+from stealguard.formats import load_victim, save_victim
 from stealguard.metrics import clone_metrics
 from stealguard.models import build_model
 from stealguard.training import TrainConfig, accuracy, train
