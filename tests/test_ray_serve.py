@@ -219,7 +219,7 @@ def test_concurrent_load_is_counted_exactly_and_never_overspends(deployed):
     assert len(refused) == 20 - 14 and set(refused) == {capped_secret}
     r = httpx.post(f"{deployed.url}/v1/predict", json={"pixels": x.tolist(), "dtype": "uint8"},
                    headers={"X-API-Key": capped_secret}, timeout=30)
-    assert r.status_code == 429 and r.json()["budget"] == 100
+    assert (r.status_code, r.json()["code"], r.json()["budget"]) == (403, "budget_exhausted", 100)
     summary = store.audit_summary(capped.id)
     assert (summary["requests"], summary["images"], store.get(capped.id).used) == (14, 98, 98)
 

@@ -31,6 +31,7 @@ from stealguard.service import (
     MicroBatcher,
     RateLimited,
     ServedModel,
+    ServiceError,
     create_app,
     load_served_model,
 )
@@ -72,6 +73,10 @@ def make(model, store, **kw):
 
 def auth(secret):
     return {"Authorization": f"Bearer {secret}"}
+
+
+def json_auth(secret):
+    return {**auth(secret), "Content-Type": "application/json"}
 
 
 def png_b64(arr, fmt="PNG", mode=None):
@@ -161,14 +166,15 @@ def test_budget_refuses_a_crossing_batch_whole(model, store):
                                                 "dtype": "uint8"}, headers=auth(secret))
 
     assert send(8).json()["remaining"] == 2
-    r = send(4)
-    assert r.status_code == 429
+    r = send(4)  # never retry as is: 403 budget_exhausted, no Retry-After
+    assert (r.status_code, r.json()["code"]) == (403, "budget_exhausted")
+    assert "retry-after" not in r.headers
     assert r.json()["detail"].startswith("query budget exceeded: batch of 4 would bring the "
                                          "count to 12 > budget 10 (2 left)")
-    assert (r.json()["used"], r.json()["budget"]) == (8, 10)
+    assert (r.json()["used"], r.json()["budget"], r.json()["remaining"]) == (8, 10, 2)
     assert store.get(key.id).used == 8 and store.audit_summary(key.id)["images"] == 8
     assert send(2).json()["remaining"] == 0
-    assert send(1).status_code == 429
+    assert send(1).status_code == 403
 
 
 def test_rate_limit_refuses_with_retry_after_and_counts_nothing(model, store):
@@ -180,8 +186,9 @@ def test_rate_limit_refuses_with_retry_after_and_counts_nothing(model, store):
     assert r.status_code == 429 and "rate limit: 3 of 5 images used" in r.json()["detail"]
     assert 1 <= int(r.headers["Retry-After"]) <= 3600
     r = client.post("/v1/predict", json={"pixels": X.tolist(), "dtype": "uint8"},
-                    headers=auth(secret))
-    assert r.status_code == 429 and "send smaller batches" in r.json()["detail"]
+                    headers=auth(secret))  # 6 > 5: can never fit the window: 413 at once
+    assert (r.status_code, r.json()["code"]) == (413, "batch_over_rate_limit")
+    assert "send batches of at most 5" in r.json()["detail"] and "retry-after" not in r.headers
     assert store.get(key.id).used == 3
 
 
@@ -279,8 +286,9 @@ BAD = [
     ("truncated png", json.dumps({"images": [base64.b64encode(base64.b64decode(
         png_b64(_img()))[:60]).decode()]}), 400, "corrupt or truncated|not a PNG"),
     ("pixel shape", json.dumps({"pixels": torch.zeros(1, 3, 8, 8).tolist()}), 422,
-     "3 channels, the model takes 1"),
-    ("ragged", json.dumps({"pixels": [[[[0.0] * 8] * 8], [[[0.0] * 7] * 8]]}), 422, "ragged"),
+     r"pixels\[0\] has more than 1 channels; the model takes \(B, 1, 8, 8\)"),
+    ("ragged", json.dumps({"pixels": [[[[0.0] * 8] * 8], [[[0.0] * 7] * 8]]}), 422,
+     r"pixels\[1\]\[0\]\[0\] has 7 values"),
     ("NaN", b'{"pixels": [[[' + b",".join([b"[" + b",".join([b"NaN"] * 8) + b"]"] * 8)
      + b"]]]}", 422, "NaN or infinite"),
     ("inf", b'{"pixels": [[[' + b",".join([b"[" + b",".join([b"1e999"] * 8) + b"]"] * 8)
@@ -291,7 +299,7 @@ BAD = [
                                    "dtype": "uint8"}), 422, "integers in 0..255"),
     ("strings", json.dumps({"pixels": [[[["a"] * 8] * 8]]}), 422, "valid number"),
     ("too many images", json.dumps({"pixels": torch.zeros(5, 1, 8, 8).tolist()}), 413,
-     "has 5 images; at most 4 per request"),
+     "has more than 4 images; at most 4 per request"),
     ("body too large", json.dumps({"pixels": torch.zeros(4, 1, 8, 8).tolist(),
                                    "pad": "x" * 5000}), 413,
      r"request body is \d+ bytes; the limit is 5000"),
@@ -302,7 +310,7 @@ BAD = [
 def test_bad_input_is_refused_with_a_message(model, store, name, body, status, match):
     _, secret = store.create_key()
     client = make(model, store, limits=Limits(max_images=4, max_body_bytes=5000))
-    r = client.post("/v1/predict", content=body, headers=auth(secret))
+    r = client.post("/v1/predict", content=body, headers=json_auth(secret))
     assert r.status_code == status, r.text
     assert re.search(match, r.json()["detail"]), r.json()["detail"]
     ok = client.post("/v1/predict", json={"pixels": X[:1].tolist(), "dtype": "uint8"},
@@ -314,7 +322,7 @@ def test_streamed_body_over_the_limit_is_refused(model, store):
     _, secret = store.create_key()
     client = make(model, store, limits=Limits(max_body_bytes=1000))
     chunks = (b'{"pixels": [' + b" " * 600 for _ in range(3))  # chunked: no Content-Length
-    r = client.post("/v1/predict", content=chunks, headers=auth(secret))
+    r = client.post("/v1/predict", content=chunks, headers=json_auth(secret))
     assert r.status_code == 413 and "over the limit of 1000 bytes" in r.json()["detail"]
 
 
@@ -352,8 +360,14 @@ def test_http_black_box_splits_counts_and_refuses_like_the_local_one(model, stor
         bb.query(X[:2])
     assert bb.queries_used == 9  # learnt from the refusal
     _, limited = store.create_key(rate_limit=2, rate_window=3600)
-    with pytest.raises(RateLimited, match="rate limit"):
-        HttpBlackBox("http://testserver", limited, client=client, max_rate_wait_s=0).query(X[:3])
+    slow = HttpBlackBox("http://testserver", limited, client=client, max_rate_wait_s=0)
+    with pytest.raises(ServiceError, match="answered 413: a batch of 3 images can never fit") as e:
+        slow.query(X[:3])  # never fits the window: at once, no retry
+    assert e.value.status == 413 and not isinstance(e.value, RateLimited)
+    slow.query(X[:2])
+    with pytest.raises(RateLimited, match="rate limit: 2 of 2 images used") as e:
+        slow.query(X[:1])  # fits later: 429, retried until max_rate_wait_s (0 here)
+    assert e.value.retry_after > 0
     with pytest.raises(AuthError, match="unknown API key"):
         HttpBlackBox("http://testserver", "sg_wrong", client=client)
 

@@ -41,7 +41,8 @@ class Served:
 
     def post(self, content: bytes):
         r = self.client.post("/v1/predict", content=content,
-                             headers={"Authorization": f"Bearer {self.secret}"})
+                             headers={"Authorization": f"Bearer {self.secret}",
+                                      "Content-Type": "application/json"})
         assert r.status_code in (200, 400, 413, 415, 422), (r.status_code, r.text)
         body = r.json()
         if r.status_code == 200:

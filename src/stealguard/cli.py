@@ -293,11 +293,11 @@ def _run_attack(name: str, kw: dict[str, Any]) -> None:
 
 
 def _register_service_commands() -> None:
-    from stealguard.service.cli import audit_command, keys_app, serve_command
+    from stealguard.service.cli import audit_app, keys_app, serve_command
 
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")
-    app.command("audit")(audit_command)
+    app.add_typer(audit_app, name="audit")
 
 
 def _register_attack_commands() -> None:

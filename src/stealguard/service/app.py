@@ -10,11 +10,18 @@ Endpoints (the OpenAPI schema is at /openapi.json, the docs at /docs):
     GET  /v1/info      input shape, classes, output mode, the calling key's budget and limits
     GET  /healthz      the server and its database answer
 
-A predict request goes: key (401/403) -> body size (413) -> JSON and images (400/413/415/422)
--> one atomic charge against the key's budget and rate limit (429, nothing counted) -> the
-micro-batcher, which runs the model and the defense in its own thread -> the key's output
-format. If the model fails, the charge is refunded. The defense and the model stay private:
-nothing the service shows names them.
+    GET  /metrics      Prometheus metrics, when create_app(..., metrics=True)
+
+A predict request goes: key (401/403) -> Content-Type (415) -> body size (413) -> the bounded
+parser and the image headers (400/413/415/422) -> a batch larger than the key's rate window
+(413) -> one atomic charge against the key's budget (403 budget_exhausted) and rate limit
+(429 with Retry-After), nothing counted on refusal -> the micro-batcher, which runs the model
+and the defense in its own thread -> the key's output format. If the model fails, the charge
+is refunded by a compensating audit row. Every refusal is answered `{"detail", "code"}` (codes:
+service.errors.REFUSALS), recorded in the audit log with the key id when known and the
+client's address, and counted in /metrics. A client that goes away mid-body (or is dropped
+by the server's read timeout) is logged once, without a traceback. The defense and the model
+stay private: nothing the service shows names them.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from stealguard import __version__
 from stealguard.defended import DefendedPredictor
@@ -44,7 +53,8 @@ from stealguard.detect.policy import DetectionRefusal
 from stealguard.errors import ConfigError, InputError, QueryBudgetExceeded
 from stealguard.service.batching import MicroBatcher
 from stealguard.service.codec import decode_request, image_hashes, parse_request, request_schema
-from stealguard.service.errors import BadRequest, ServiceError
+from stealguard.service.errors import REFUSALS, AuthError, BadRequest, ClientGone, ServiceError
+from stealguard.service.metrics import NO_METRICS, ServiceMetrics
 from stealguard.service.served import ServedModel
 from stealguard.service.store import ApiKey, Charge, KeyStore
 
@@ -94,18 +104,20 @@ class InfoResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+    code: str = Field(description="Why, as a code: " + ", ".join(REFUSALS))
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": what} for code, what in (
-        (400, "Malformed JSON, bad base64, or bytes that are not an image"),
-        (401, "Missing or unknown API key"), (403, "Revoked API key, or a key locked by the detection policy"),
-        (413, "Body over the size limit, or more images than the per-request limit"),
-        (415, "An image format other than PNG or JPEG"),
-        (422, "Wrong image size, channels, value range, NaN/inf, or fields"),
-        (429, "Budget exhausted or rate limit exceeded; nothing was counted"),
-    )
-}
+def _documented_errors() -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses: each status with the refusal codes it carries."""
+    by_status: dict[int, list[str]] = {}
+    for code, (status, what) in REFUSALS.items():
+        if status < 500 and status not in (408, 431, 499):  # the server's, not the app's
+            by_status.setdefault(status, []).append(f"{code} ({what})")
+    return {status: {"model": ErrorResponse, "description": "; ".join(codes)}
+            for status, codes in sorted(by_status.items())}
+
+
+_ERRORS = _documented_errors()
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key")
 
@@ -121,6 +133,7 @@ class Service:
     device: torch.device
     monitor: Monitor | None = None
     predictor: DefendedPredictor = field(init=False)
+    metrics: ServiceMetrics | Any = NO_METRICS
     batcher: MicroBatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,37 +141,64 @@ class Service:
         self.predictor = DefendedPredictor(self.served.model, self.defense, device=self.device,
                                            batch_size=self.limits.max_batch)
         self.batcher = MicroBatcher(self.answer, max_batch=self.limits.max_batch,
-                                    max_wait_s=self.limits.max_wait_s)
+                                    max_wait_s=self.limits.max_wait_s,
+                                    on_batch=self.metrics.model_batch)
 
     def answer(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, H, W) float in [0, 1] -> (R, K) defended probabilities. Batcher thread."""
         return self.predictor.defended(x)
 
-    def prepare(self, key: ApiKey, raw: bytes) -> tuple[torch.Tensor, Charge]:
-        """Parse, check and charge a request: (B, C, H, W) images and their charge."""
-        req = parse_request(raw)
-        x = decode_request(req, self.served.input_shape, max_images=self.limits.max_images)
+    def parse(self, raw: bytes) -> torch.Tensor:
+        """Body bytes -> checked (B, C, H, W) images (BadRequest otherwise)."""
+        shape = self.served.input_shape
+        return decode_request(parse_request(raw, shape, max_images=self.limits.max_images),
+                              shape)
+
+    def charge(self, key: ApiKey, x: torch.Tensor, client: str) -> Charge:
+        """Count the batch against the key, or refuse it whole."""
+        n = int(x.shape[0])
+        if key.rate_limit is not None and n > key.rate_limit:
+            raise BadRequest(f"a batch of {n} images can never fit this key's rate limit of "
+                             f"{key.rate_limit} images per {key.rate_window:g} s; send batches "
+                             f"of at most {key.rate_limit}", code="batch_over_rate_limit",
+                             rate_limit=key.rate_limit, rate_window_s=key.rate_window)
         if self.monitor is not None:  # the detection policy (403 / 429, nothing counted)
-            self.monitor.admit(key.id, int(x.shape[0]))
-        return x, self.store.charge(key, image_hashes(x))
+            self.monitor.admit(key.id, n)
+        return self.store.charge(key, image_hashes(x), client=client)
+
+    async def refused(self, request: Request, code: str, detail: str) -> None:
+        """Record and count a refusal; a dropped client is also logged (once, no traceback)."""
+        client, key_id = _client(request), getattr(request.state, "key_id", None)
+        images = getattr(request.state, "images", 0)
+        if code in ("client_disconnected", "read_timeout"):
+            log.warning("dropped a request from %s (key %s): %s", client, key_id or "-", detail)
+        self.metrics.refused(code, images)
+        try:
+            await run_in_threadpool(self.store.record_refusal, code, detail=detail,
+                                    key_id=key_id, client=client, count=images,
+                                    path=request.url.path)
+        except Exception as e:  # the refusal is answered even when the log is down
+            log.error("could not record a refusal (%s) in the audit log: %s: %s", code,
+                      type(e).__name__, e)
 
 
 def create_app(
     model: Any, *, defense: Defense | None = None, store: KeyStore | str | Path | None = None,
     limits: Limits | None = None, classes: list[str] | None = None,
-    device: str | torch.device = "cpu", monitor: Monitor | None = None,
+    device: str | torch.device = "cpu", monitor: Monitor | None = None, metrics: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving `model` (a ServedModel, or any object with input_shape,
     num_classes and predict_proba or forward) behind `defense`, with keys in `store`
     (a KeyStore, a SQLite path, or a SQLAlchemy URL; default: the user data folder).
     monitor: stealing detectors (stealguard.detect) that see every answered batch after
-    its response is sent, and whose policy may refuse a flagged key."""
+    its response is sent, and whose policy may refuse a flagged key..
+    `metrics=True` adds GET /metrics (Prometheus text; key ids, never secrets)."""
     served = ServedModel.wrap(model, classes=classes)
     limits = limits or Limits()
     own_store = not isinstance(store, KeyStore)
     key_store = store if isinstance(store, KeyStore) else KeyStore(store)
     svc = Service(served, defense or NoDefense(), key_store, limits, torch.device(device),
-                  monitor)
+                  monitor, metrics=ServiceMetrics(key_store) if metrics else NO_METRICS)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -182,8 +222,12 @@ def create_app(
                       served.input_shape, limits.max_images)}}}})
     async def predict(request: Request, key: Key) -> Response:
         """Answer a batch of images with the key's output (probs, top-k or label)."""
+        t0 = time.perf_counter()
+        _require_json(request)
         raw = await _read_body(request, limits.max_body_bytes)
-        x, charge = await run_in_threadpool(svc.prepare, key, raw)
+        x = await run_in_threadpool(svc.parse, raw)
+        request.state.images = int(x.shape[0])
+        charge = await run_in_threadpool(svc.charge, key, x, _client(request))
         try:
             out = svc.predictor.format(await svc.batcher(x), key.output, key.k)  # (B, K)
             body = json.dumps({"outputs": out.tolist(), "output": key.output,
@@ -191,7 +235,9 @@ def create_app(
                                "request_id": charge.request_id})
         except Exception:  # not answered: give the images back (a cancelled request stays
             await run_in_threadpool(key_store.refund, charge)  # counted: it may be answered)
+            svc.metrics.refunded(charge.count)
             raise
+        svc.metrics.answered(charge.count, time.perf_counter() - t0)
         # the detectors see the batch after the response is sent; the response is the same
         observe = (BackgroundTask(monitor.observe, key.id, x) if monitor is not None else None)
         return Response(body, media_type="application/json", background=observe)
@@ -215,6 +261,13 @@ def create_app(
             return JSONResponse({"status": "unhealthy", "detail": type(e).__name__}, 503)
         return JSONResponse({"status": "ok"})
 
+    if metrics:
+        @app.get("/metrics", include_in_schema=False)
+        def metrics_endpoint() -> Response:
+            """Prometheus text format: requests, images, refusals, latency, budgets."""
+            body, content_type = svc.metrics.render()
+            return Response(body, media_type=content_type)
+
     return app
 
 
@@ -223,54 +276,103 @@ def _authenticate(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
 ) -> ApiKey:
-    """The calling key (a sync dependency: FastAPI runs it in its thread pool)."""
-    secret = api_key or (bearer.credentials if bearer is not None else None)
-    return request.app.state.service.store.authenticate(secret)
+    """The calling key (a sync dependency: FastAPI runs it in its thread pool). The two
+    headers (`bearer`, `api_key`: for the OpenAPI schema) are read here in full: every
+    credential the request carries must name the same key."""
+    secrets = set(request.headers.getlist("x-api-key"))
+    for value in request.headers.getlist("authorization"):
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("the Authorization header must be `Bearer <API key>`",
+                            code="conflicting_credentials")
+        secrets.add(token.strip())
+    if len(secrets) > 1:
+        raise AuthError("conflicting credentials: the request names more than one API key "
+                        "(X-API-Key and Authorization: Bearer differ); send one",
+                        code="conflicting_credentials")
+    key = request.app.state.service.store.authenticate(next(iter(secrets), None))
+    request.state.key_id = key.id
+    return key
 
 
 Key = Annotated[ApiKey, Depends(_authenticate)]
 
 
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else ""
+
+
+def _require_json(request: Request) -> None:
+    """415 unless the body is declared `application/json` (UTF-8, the only JSON charset)."""
+    declared = request.headers.get("content-type", "")
+    media, _, params = declared.partition(";")
+    charset = next((v.strip().strip('"').lower() for k, _, v in
+                    (p.partition("=") for p in params.split(";")) if k.strip().lower() ==
+                    "charset"), "utf-8")
+    if media.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+        got = repr(declared[:80]) if declared else "none"
+        raise BadRequest(f"Content-Type must be application/json, got {got}",
+                         code="unsupported_media_type")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes;
+    ClientGone if the client leaves (or the server's read timeout drops it) before its end."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body is {int(declared)} bytes; the limit is {limit}",
-                         status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"request body is over the limit of {limit} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+                         code="body_too_large")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise BadRequest(f"request body is over the limit of {limit} bytes",
+                                 code="body_too_large")
+            body += chunk
+    except ClientDisconnect:
+        of = f" of {declared}" if declared is not None else ""
+        dropped = request.scope.get("stealguard.dropped")  # set by service.server on timeout
+        if dropped:
+            raise ClientGone(f"{dropped} ({len(body)}{of} body bytes received)",
+                             code="read_timeout") from None
+        raise ClientGone(f"the client closed the connection after {len(body)}{of} body bytes",
+                         code="client_disconnected") from None
+    return bytes(body)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, e: ServiceError) -> JSONResponse:
+    async def refuse(request: Request, status: int, code: str, detail: str,
+                     extra: dict[str, Any]) -> JSONResponse:
+        await request.app.state.service.refused(request, code, detail)
         headers = {}
-        if "retry_after" in e.extra:
-            headers["Retry-After"] = str(max(1, math.ceil(e.extra["retry_after"])))
-        return JSONResponse({"detail": str(e), **e.extra}, e.status, headers=headers)
+        if "retry_after" in extra:
+            headers["Retry-After"] = str(max(1, math.ceil(extra["retry_after"])))
+        return JSONResponse({"detail": detail, "code": code, **extra}, status, headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, e: ServiceError) -> JSONResponse:
+        return await refuse(request, e.status, e.code, str(e), e.extra)
 
     @app.exception_handler(QueryBudgetExceeded)
-    async def _budget(_: Request, e: QueryBudgetExceeded) -> JSONResponse:
-        return JSONResponse({"detail": str(e), "requested": e.requested, "used": e.used,
-                             "budget": e.budget}, 429)
+    async def _budget(request: Request, e: QueryBudgetExceeded) -> JSONResponse:
+        request.state.images = e.requested
+        return await refuse(request, 403, "budget_exhausted", str(e), {
+            "requested": e.requested, "used": e.used, "budget": e.budget,
+            "remaining": max(0, e.budget - e.used)})
 
     @app.exception_handler(DetectionRefusal)
-    async def _detected(_: Request, e: DetectionRefusal) -> JSONResponse:
-        headers = ({"Retry-After": str(max(1, math.ceil(e.retry_after)))}
-                   if e.retry_after is not None else {})
-        return JSONResponse({"detail": str(e)}, e.status, headers=headers)
+    async def _detected(request: Request, e: DetectionRefusal) -> JSONResponse:
+        code = "detection_locked" if e.status == 403 else "detection_throttled"
+        extra = {"retry_after": e.retry_after} if e.retry_after is not None else {}
+        return await refuse(request, e.status, code, str(e), extra)
 
     @app.exception_handler(InputError)
-    async def _input(_: Request, e: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, 422)
+    async def _input(request: Request, e: InputError) -> JSONResponse:
+        return await refuse(request, 422, "invalid_pixels", str(e), {})
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error while answering a request")
+        request.app.state.service.metrics.error()
         return JSONResponse({"detail": f"internal error ({type(e).__name__}); nothing of this "
-                                       f"request was counted"}, 500)
+                                       f"request was counted", "code": "internal_error"}, 500)

@@ -52,12 +52,14 @@ class MicroBatcher:
     """Gather concurrent (b_i, C, H, W) requests into one (sum b_i, C, H, W) call of `fn`."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, max_batch: int = 512,
-                 max_wait_s: float = 0.002, name: str = "stealguard-batcher") -> None:
+                 max_wait_s: float = 0.002, name: str = "stealguard-batcher",
+                 on_batch: Callable[[int], None] | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
             raise ConfigError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
+        self.on_batch = on_batch  # called with the rows of each model call (metrics)
         self.stats = BatchStats()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._carry: _Item | None = None  # taken from the queue but did not fit the last batch
@@ -132,6 +134,8 @@ class MicroBatcher:
         self.stats.batches += 1
         self.stats.rows += x.shape[0]
         self.stats.max_rows = max(self.stats.max_rows, x.shape[0])
+        if self.on_batch is not None:
+            self.on_batch(int(x.shape[0]))
         start = 0
         for it in live:
             b = it.x.shape[0]

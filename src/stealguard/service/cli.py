@@ -2,7 +2,7 @@
 
     app.command("serve")(serve_command)       stealguard serve <artifact> [--defense ...]
     app.add_typer(keys_app, name="keys")      stealguard keys create|list|revoke
-    app.command("audit")(audit_command)       stealguard audit <key>
+    app.add_typer(audit_app, name="audit")    stealguard audit <key> | refused | verify
 
 `python -m stealguard.service` runs the same commands on their own.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from stealguard.errors import ConfigError
 
@@ -66,6 +67,18 @@ def serve_command(
     max_body_mb: float = typer.Option(16.0, help="Request body limit in MiB (413 above)."),
     max_batch: int = typer.Option(512, help="Rows per model call."),
     max_wait_ms: float = typer.Option(2.0, help="How long a batch waits for more requests."),
+    max_header_bytes: int = typer.Option(
+        16 * 1024, help="Request line + headers, in bytes (431 above). --engine local."),
+    max_headers: int = typer.Option(100, help="Header lines per request (431 above)."),
+    read_timeout: float = typer.Option(
+        30.0, help="Seconds to receive a whole request, headers and body (408 after)."),
+    keep_alive: float = typer.Option(5.0, help="Seconds an idle keep-alive connection stays."),
+    graceful_timeout: float = typer.Option(
+        30.0, help="On SIGTERM: seconds requests in flight may take before the exit."),
+    limit_concurrency: int | None = typer.Option(
+        None, help="Connections + requests before 503 (default: no limit)."),
+    metrics: bool = typer.Option(False, "--metrics/--no-metrics",
+                                 help="Serve Prometheus metrics at GET /metrics."),
     threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
     log_level: str = typer.Option("warning", help="Log level (uvicorn's, or the replicas')."),
@@ -90,6 +103,7 @@ def serve_command(
     from stealguard.defenses import DefenseConfig
     from stealguard.service.app import Limits, create_app
     from stealguard.service.served import load_served_model
+    from stealguard.service.server import ServerLimits, uvicorn_options
     from stealguard.service.store import KeyStore
 
     if engine not in ("local", "ray"):
@@ -97,6 +111,10 @@ def serve_command(
     spec = DefenseConfig.from_cli(defense, defense_param or [], defense_key_file)
     limits = Limits(max_images=max_images, max_body_bytes=int(max_body_mb * 2**20),
                     max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
+    server_limits = ServerLimits(
+        max_header_bytes=max_header_bytes, max_headers=max_headers, read_timeout_s=read_timeout,
+        keep_alive_s=keep_alive, graceful_s=graceful_timeout,
+        limit_concurrency=limit_concurrency)
     if engine == "ray":
         if device != "cpu":
             raise ConfigError("--device is for --engine local; with --engine ray give the "
@@ -115,11 +133,14 @@ def serve_command(
     served = load_served_model(artifact)
     dfn = spec.build(served.model)
     key_store = KeyStore(store)
-    app = create_app(served, defense=dfn, store=key_store, limits=limits, device=device)
+    app = create_app(served, defense=dfn, store=key_store, limits=limits, device=device,
+                     metrics=metrics)
     print(f"serving {artifact} ({served.format}, input {served.input_shape}, "
           f"{served.num_classes} classes) at http://{host}:{port}; keys in "
-          f"{key_store.location}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+          f"{key_store.location}{'; metrics at /metrics' if metrics else ''}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                **uvicorn_options(server_limits))
 
 
 def _serve_ray(artifact: Path, *, defense: DefenseConfig, store: str | None, limits: Limits,
@@ -180,12 +201,27 @@ def keys_revoke(
     print(f"key {k.id} ({k.name or 'no name'}) revoked; it had used {k.used} queries")
 
 
+class _AuditGroup(TyperGroup):
+    """`audit KEY ...` is `audit show KEY ...`: the subcommands come first."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(cls=_AuditGroup, no_args_is_help=True,
+                        help="The audit log: `audit KEY` (a key's summary and last requests), "
+                             "`audit refused` (refused requests), `audit verify` (the chain).")
+
+
+@audit_app.command("show")
 def audit_command(
     key: str = typer.Argument(..., help="Key id (or its unique name)."),
     last: int = typer.Option(0, "--last", help="Also list the last N requests."),
     store: str | None = StoreOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Summarise a key's audit log: requests, images, distinct images, first and last."""
+    """Summarise a key's audit log: requests, images, distinct images, refunds, refusals."""
     if last < 0:
         raise ConfigError(f"--last must be >= 0, got {last}")
     s = _store(store)
@@ -194,14 +230,63 @@ def audit_command(
     if as_json:
         print(json.dumps({**summary, "rows": rows}))
         return
-    _table(f"audit of key {summary['key']}", [summary], list(summary))
+    _table(f"audit of key {summary['key']}", [{"field": k, "value": v}
+                                              for k, v in summary.items()], ["field", "value"])
     if rows:
         from stealguard.service.store import _iso
 
         _table(f"last {len(rows)} requests", [
             {"time": _iso(r["time"]), "request_id": r["request_id"], "count": r["count"],
-             "first image sha256": r["image_sha256"][0][:16] + "…"} for r in rows],
-            ["time", "request_id", "count", "first image sha256"])
+             "client": r["client"], "refunded": "yes" if r["refunded"] else "",
+             "first image sha256": r["image_sha256"][0][:16] + "…" if r["image_sha256"]
+             else ""} for r in rows],
+            ["time", "request_id", "count", "client", "refunded", "first image sha256"])
+
+
+@audit_app.command("refused")
+def audit_refused(
+    key: str | None = typer.Option(None, "--key", help="Only this key's (id or name)."),
+    reason: str | None = typer.Option(None, "--reason", help="Only this code, e.g. "
+                                      "unknown_key, rate_limited, budget_exhausted."),
+    last: int = typer.Option(20, "--last", help="How many, newest first (0: all)."),
+    store: str | None = StoreOpt, as_json: bool = JsonOpt,
+) -> None:
+    """List refused requests: time, code, key id (when known), client address, message."""
+    from stealguard.service.errors import REFUSALS
+    from stealguard.service.store import _iso
+
+    if last < 0:
+        raise ConfigError(f"--last must be >= 0, got {last}")
+    if reason is not None and reason not in REFUSALS:
+        raise ConfigError(f"unknown refusal code {reason!r}; valid: {', '.join(REFUSALS)}")
+    rows = _store(store).refusals(key, reason=reason, limit=last or None)
+    if as_json:
+        print(json.dumps({"refused": rows}))
+        return
+    _table(f"{len(rows)} refused request(s), newest first", [
+        {**r, "time": _iso(r["time"]), "key_id": r["key_id"] or "-",
+         "detail": r["detail"][:70]} for r in rows],
+        ["seq", "time", "reason", "key_id", "client", "count", "detail"])
+
+
+@audit_app.command("verify")
+def audit_verify(
+    head: str | None = typer.Option(None, "--head", help="The head hash printed by an earlier verify, "
+                                    "kept outside the store: the chain must end there now."),
+    store: str | None = StoreOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Walk the audit log's hash chain: exit 0 if intact, 1 naming the first altered,
+    deleted or inserted row."""
+    check = _store(store).verify_audit(head=head)
+    if as_json:
+        print(json.dumps({"ok": check.ok, "rows": check.rows, "head": check.head,
+                          "problem": check.problem, "bad_seq": check.bad_seq}))
+    elif check.ok:
+        print(f"audit log intact: {check.rows} rows, head {check.head}")
+    else:
+        print(f"error: audit log tampered with: {check.problem}", file=sys.stderr)
+    if not check.ok:
+        raise typer.Exit(1)
 
 
 def standalone_app() -> typer.Typer:
@@ -210,5 +295,5 @@ def standalone_app() -> typer.Typer:
                       add_completion=False, pretty_exceptions_enable=False)
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")
-    app.command("audit")(audit_command)
+    app.add_typer(audit_app, name="audit")
     return app

@@ -9,9 +9,14 @@ It checks images locally (the same `validate_images` as the local black box), se
 a nested pixel array (exact: uint8 as integers, floats as their float32 values) or as PNG
 (8 bits: floats are rounded), and splits a batch larger than the server's per-request limit
 into several requests. `queries_used` and `budget` are the server's figures for the key, read
-at connection and updated from every answer. A budget refusal raises the library's
-`QueryBudgetExceeded` (nothing answered, nothing counted), as locally; a rate-limit refusal
-is retried after the server's Retry-After, up to `max_rate_wait_s` seconds in all.
+at connection and updated from every answer. The server's refusals, by status and code:
+
+    403 budget_exhausted        QueryBudgetExceeded (nothing answered or counted), as locally
+    413 batch_over_rate_limit   ServiceError at once: the batch can never fit the rate window
+    429 rate_limited            retried after Retry-After, up to `max_rate_wait_s` in all,
+                                then RateLimited
+    401, 403 (other codes)      AuthError
+    anything else               ServiceError with the server's status and message
 
 A batch split into several requests is checked against the budget before the first is sent;
 another client spending the same key at the same moment can still make a later part fail.
@@ -133,8 +138,9 @@ class HttpBlackBox(BlackBox):
         if resp.status_code == 200:
             return body
         detail = body.get("detail") or resp.text[:200]
-        if resp.status_code == 429 and "budget" in body:
-            self._seen(int(body["used"]), None)
+        code = body.get("code")
+        if code == "budget_exhausted" or (resp.status_code == 429 and "budget" in body):
+            self._seen(int(body["used"]), None)  # (429 + budget: servers before codes)
             raise QueryBudgetExceeded(int(body["requested"]), int(body["used"]),
                                       int(body["budget"]))
         if resp.status_code == 429:
