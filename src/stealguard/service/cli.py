@@ -10,7 +10,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -139,8 +143,28 @@ def serve_command(
           f"{served.num_classes} classes) at http://{host}:{port}; keys in "
           f"{key_store.location}{'; metrics at /metrics' if metrics else ''}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                **uvicorn_options(server_limits))
+    with _sigterm_is_a_clean_stop():
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                    **uvicorn_options(server_limits))
+
+
+@contextmanager
+def _sigterm_is_a_clean_stop() -> Iterator[None]:
+    """uvicorn stops gracefully on SIGTERM (stops accepting, answers the requests in flight,
+    shuts the app down) and then raises the signal again for the handler it found: with this
+    one, that ends `serve` with exit status 0 and a line on stderr, not death by signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopped: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, _frame: stopped.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print("stopped on SIGTERM: every request in flight was answered", file=sys.stderr,
+              flush=True)
 
 
 def _serve_ray(artifact: Path, *, defense: DefenseConfig, store: str | None, limits: Limits,

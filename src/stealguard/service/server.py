@@ -80,23 +80,34 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._read_timer: Any = None
         self._received = 0  # bytes of the current request so far
-        self._refusal: tuple[int, str] | None = None
         next_event = self.conn.next_event
 
-        def checked_next_event() -> Any:  # h11's errors carry the status uvicorn drops
+        def checked_next_event() -> Any:
+            """h11's next event, with protocol errors answered here (uvicorn would log a
+            second, vaguer line and answer 400 whatever h11's status hint)."""
             try:
                 event = next_event()
+                if isinstance(event, h11.Request):
+                    self._check_headers(event)
             except h11.RemoteProtocolError as e:
-                self._refusal = (e.error_status_hint, str(e))
-                raise
-            if isinstance(event, h11.Request) and len(event.headers) > self.limits.max_headers:
-                msg = (f"{len(event.headers)} request headers; the limit is "
-                       f"{self.limits.max_headers}")
-                self._refusal = (431, msg)
-                raise h11.RemoteProtocolError(msg, error_status_hint=431)
+                self._refuse(e.error_status_hint, str(e))
+                return h11.NEED_DATA  # uvicorn's loop stops; the connection is closing
             return event
 
         self.conn.next_event = checked_next_event  # type: ignore[method-assign]
+
+    def _check_headers(self, event: h11.Request) -> None:
+        """h11 bounds only headers still incomplete in its buffer; a whole oversized block
+        arriving at once is measured here."""
+        size = len(event.method) + len(event.target) + 12 + sum(
+            len(k) + len(v) + 4 for k, v in event.headers)
+        msg = None
+        if len(event.headers) > self.limits.max_headers:
+            msg = f"{len(event.headers)} request headers; the limit is {self.limits.max_headers}"
+        elif size > self.limits.max_header_bytes:
+            msg = f"{size} bytes of request line and headers"
+        if msg is not None:
+            raise h11.RemoteProtocolError(msg, error_status_hint=431)
 
     # the read timeout --------------------------------------------------------------------
 
@@ -154,9 +165,7 @@ class GuardedH11Protocol(H11Protocol):
 
     # header refusals ---------------------------------------------------------------------
 
-    def send_400_response(self, msg: str) -> None:
-        status, why = self._refusal or (400, msg)
-        self._refusal = None
+    def _refuse(self, status: int, why: str) -> None:
         self._disarm()
         if status == 431:
             log.warning("refused a request from %s: %s", _peer(self.client), why)
