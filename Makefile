@@ -9,7 +9,7 @@ EXTRAS ?= dev,ray
 STEALGUARD_DATA ?= $(abspath ../shared/datasets)
 export STEALGUARD_DATA
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow bench gpu-check lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/bench_training.py
+
+# The prepared device check (issue #17): on one CUDA GPU, <= 8 minutes; writes results/gpu/.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -152,3 +152,13 @@ def test_extra_batches_cycle_through_every_image_once_per_pass():
     first_pass = torch.cat([next(stream) for _ in range(2)]).flatten() * 255
     assert len(set(first_pass.round().tolist())) == 6  # two batches of 3, no repeats
     assert len(next(stream)) == 3  # the seventh image's tail batch is dropped, a new pass
+
+
+def test_on_epoch_hook_sees_every_epoch_and_can_stop_training() -> None:
+    images, labels = quadrant_images(64, seed=0)
+    model = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
+    seen: list[int] = []
+    log = train(model, images, labels, config=TrainConfig(epochs=5, batch_size=32, lr=0.05),
+                progress=False, on_epoch=lambda epoch, m: seen.append(epoch) or epoch == 2)
+    assert seen == [1, 2] and len(log.epochs) == 2  # stopped after epoch 2, as asked
+    assert log.samples_per_second == pytest.approx(64 * 2 / log.seconds)

@@ -209,9 +209,13 @@ def train(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, config: TrainConfig,
     device: str | torch.device | None = "cpu", progress: bool = True, desc: str = "train",
     loss: Loss = cross_entropy_loss, extras: Mapping[str, ExtraBatches] | None = None,
+    on_epoch: Callable[[int, nn.Module], bool | None] | None = None,
 ) -> TrainLog:
     """Train `model` in place on images (N, C, H, W) and targets (N,) or (N, K), descending
-    `loss` (default: cross-entropy) with one batch of each of `extras` per step."""
+    `loss` (default: cross-entropy) with one batch of each of `extras` per step.
+
+    on_epoch(epoch, model): called after each epoch (1-based); returning True stops training
+    there (for time-to-accuracy measurements; the schedule is not shortened)."""
     cfg, dev, extras = config, resolve_device(device), dict(extras or {})
     num_classes = int(getattr(model, "num_classes", targets.shape[-1]))
     _check_targets(images, targets, num_classes)
@@ -255,8 +259,10 @@ def train(
         log.epochs.append({"epoch": epoch + 1, **record})
         if "loss" in record:
             bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if on_epoch is not None and on_epoch(epoch + 1, model):
+            break
     log.seconds = time.perf_counter() - t0
-    log.samples_per_second = n * cfg.epochs / max(log.seconds, 1e-9)
+    log.samples_per_second = n * len(log.epochs) / max(log.seconds, 1e-9)
     model.eval()
     return log
 
