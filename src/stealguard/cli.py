@@ -308,6 +308,12 @@ def _register_attack_commands() -> None:
         _attack_command(name)
 
 
+def _register_import_command() -> None:
+    from stealguard.importing import import_command
+
+    app.command("import")(import_command)
+
+
 def _register_reproduce_commands() -> None:
     from stealguard.reproduce.cli import headline_command, reproduce_command, specs_command
 
@@ -319,6 +325,7 @@ def _register_reproduce_commands() -> None:
 _register_attack_commands()
 _register_service_commands()
 _register_reproduce_commands()
+_register_import_command()
 
 
 @app.command()

@@ -96,8 +96,9 @@ def steal(
     before = bb.queries_used
     result = atk(bb, budget)
     test = test_set_for(victim, data_root=data_root)
+    known = victim.test_accuracy == victim.test_accuracy  # NaN: not recorded (an import)
     metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,
-                            victim_accuracy=victim.test_accuracy)
+                            victim_accuracy=victim.test_accuracy if known else None)
     return {"attack": attack, "data": data_label, "labels": getattr(typed, "labels", "soft"),
             "queries": result.queries, "blackbox_count": bb.queries_used - before, **metrics,
             "clone": result.clone}
