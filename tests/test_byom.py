@@ -458,3 +458,26 @@ def test_format_contract_save_load_describe_serve(name, trained, user_pkg, tmp_p
     client, secret = _serve(load_served_model(path), None, tmp_path)
     with HttpBlackBox("http://testserver", secret, client=client) as hbb:
         torch.testing.assert_close(hbb.query(X), want, rtol=0, atol=1e-5)
+
+
+def test_reproduce_takes_an_imported_artifact_as_victim(user_pkg, trained, tmp_path, folder):
+    from stealguard.reproduce.tasks.base import TASKS, RunContext
+    from stealguard.reproduce.victims import VictimConfig
+
+    assert _import_pt(user_pkg, trained, tmp_path, folder).exit_code == 0
+    cfg = VictimConfig(dataset=folder, arch="conv3", training="artifact",
+                       params={"path": str(tmp_path / "imported")})
+    task = TASKS.get("steal")
+    cell = task.Cell.model_validate({
+        "victim": cfg.model_dump(), "queries": folder, "budget": 48,
+        "defense": {"name": "mad", "params": {"epsilon": 0.5}},
+        "clone": {"epochs": 1, "batch_size": 16, "lr": 0.05}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        r = task.run(cell, RunContext(device=torch.device("cpu"), artifacts=tmp_path / "runs"))
+    assert r.metrics["queries"] == 48
+    assert r.metrics["victim_accuracy"] > 0.8 and r.metrics["l1_mean"] <= 0.5 + 1e-6
+    bad = VictimConfig(dataset="mnist", arch="conv3", training="artifact",
+                       params={"path": str(tmp_path / "imported")})
+    with pytest.raises(ConfigError, match="was trained on 'imagefolder:"):
+        RunContext(device=torch.device("cpu"), artifacts=tmp_path / "runs").victim(bad)

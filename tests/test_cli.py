@@ -19,7 +19,7 @@ from stealguard.attacks import ATTACKS  # noqa: E402
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["attack"], ["demo"], ["models"],
                                  ["defenses"], ["data"], ["data", "list"], ["data", "download"],
-                                 ["serve"], ["keys"], ["audit"],
+                                 ["serve"], ["keys"], ["audit"], ["import"],
                                  *(["attack", name] for name in ATTACKS.names())])
 def test_every_command_has_help(cmd):
     r = run(*cmd, "--help")

@@ -12,6 +12,11 @@ training hyper-parameters). Each training kind is registered in VICTIMS with typ
     outlier_exposure    Adaptive Misinformation's victim (trained with Outlier Exposure) and
                         its misinformation model, handed to the `adaptive_misinformation`
                         defense as a component
+    artifact            no training: an existing artifact of any format (`params.path`; one
+                        made by `stealguard import`, say); its dataset must be `dataset`, and
+                        `arch` is only the registered architecture the cell validates clone
+                        options against (the key holds the path, not the artifact's bytes:
+                        replacing the artifact in place needs a new results/artifacts folder)
 
 `VictimCache.get(cfg)` trains a victim on first use and saves it under
 `<artifacts>/victims/<key>/` (safetensors + manifest, written to a temporary folder and
@@ -244,11 +249,26 @@ def _outlier_exposure(cfg: VictimConfig, p: Any, device: torch.device,
                          components={"misinformation_model": misinfo.cpu().eval()})
 
 
+class ArtifactParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="an artifact directory of any registered format")
+
+
+def _artifact(cfg: VictimConfig, p: Any, device: torch.device, data_root: str | Path | None,
+              progress: bool) -> TrainedVictim:
+    victim = load_victim(Path(p.path).expanduser())
+    if victim.dataset != cfg.dataset:
+        raise ConfigError(f"victim artifact {p.path} was trained on {victim.dataset!r}, the "
+                          f"spec says dataset {cfg.dataset!r}; make them the same")
+    return TrainedVictim(victim, info={"artifact": str(p.path)})
+
+
 VICTIMS.register("standard")(VictimKind(_NoParams, _standard))
 VICTIMS.register("edm")(VictimKind(EDMParams, _edm))
 VICTIMS.register("ensemble")(VictimKind(RegularEnsembleParams, _edm))
 VICTIMS.register("dp_sgd")(VictimKind(DPParams, _dp_sgd))
 VICTIMS.register("outlier_exposure")(VictimKind(OEParams, _outlier_exposure))
+VICTIMS.register("artifact")(VictimKind(ArtifactParams, _artifact))
 
 
 class VictimCache:
