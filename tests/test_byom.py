@@ -146,7 +146,7 @@ def test_a_users_module_is_defended_stolen_and_served(trained, tmp_path):
     with pytest.warns(UserWarning, match="no registered architecture"):
         opts = stealguard.victim.clone_arch(trained)
     attack = KnockoffNets(quadrant_dataset(400, seed=5), arch=opts, query_batch=64,
-                          config=TrainConfig(epochs=5, batch_size=32, lr=0.05))
+                          clone=TrainConfig(epochs=5, batch_size=32, lr=0.05))
     result = attack(LocalBlackBox(trained, defense=mad, budget=400), 400)
     assert result.queries == 400
     xt, yt = quadrant_images(128, seed=2)

@@ -267,7 +267,10 @@ def _run_attack(name: str, kw: dict[str, Any]) -> None:
     AttackConfig.parse({"name": name, "params": params, "data": data})  # before any work
     device = _device(kw["device"])
     victim = load_victim(kw["victim_path"])
-    params.setdefault("arch", victim.model.arch)
+    if "arch" not in params:  # the victim's, or a registered default (with a warning)
+        from stealguard.victim import clone_arch
+
+        params["arch"] = clone_arch(victim.model)
     cfg = AttackConfig.parse({"name": name, "params": params, "data": data})
     blackbox = None
     if kw["target"] is not None:
