@@ -1,54 +1,71 @@
 """The `stealguard` command. It parses options and hands off to the library.
 
-Every command that reports figures prints a table, or with --json one JSON object.
-Errors on bad input print one line that says what was wrong and exit with status 2.
+Every command that reports figures prints a table, or with --json one strict JSON object
+(`stealguard.console`). Every failure prints one line `error: ...` that says what was wrong
+and what to do, and exits with status 2 (`main`).
+
+Adding a command: register it below; import torch and the library inside the command body,
+never at module level, so that `stealguard --help` and `--version` stay fast (a test checks
+that importing this module imports no torch). The `attack` group builds its commands only
+when they are asked for (`LazyAttackGroup`).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as cli_errors
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as cli_errors  # type: ignore[no-redef]
 
 from stealguard import __version__
+from stealguard.console import (
+    check_output_dir,
+    console,
+    emit,
+    os_error_line,
+    print_json,
+    show_progress,
+    validation_line,
+)
 from stealguard.errors import StealguardError
-
-app = typer.Typer(help="Defend image classifiers against model stealing, and measure it.",
-                  pretty_exceptions_enable=False,
-                  no_args_is_help=True, add_completion=False)
-attack_app = typer.Typer(help="Steal a model through its black box.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: list and download.", no_args_is_help=True)
-app.add_typer(attack_app, name="attack")
-app.add_typer(data_app, name="data")
-# A wide console when piped, so tables are not squeezed into 80 columns in logs.
-out = Console(width=None if sys.stdout.isatty() else 140)
 
 DataRoot = typer.Option(None, "--data-root", envvar="STEALGUARD_DATA",
                         help="Dataset root (default: $STEALGUARD_DATA or the user cache).")
-Device = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto.")
+Device = typer.Option("auto", "--device",
+                      help="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
 Json = typer.Option(False, "--json", help="Print the figures as one JSON object.")
 Seed = typer.Option(0, "--seed", help="Random seed.")
 DefenseOpt = typer.Option(None, "--defense", help="Output defense (see `stealguard defenses`).")
 DefenseParam = typer.Option([], "--defense-param", help="Defense parameter key=value (repeat).")
+Force = typer.Option(False, "--force", help="Overwrite an existing artifact at the output path.")
 
 
-def _emit(figures: dict[str, Any], as_json: bool, title: str) -> None:
-    if as_json:
-        print(json.dumps(figures, default=str))
-        return
-    table = Table(title=title)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for k, v in figures.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    out.print(table)
+def _version_callback(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+app = typer.Typer(help="Defend image classifiers against model stealing, and measure it.",
+                  pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback,
+                                       is_eager=True, help="Print the version and exit.")
+          ) -> None:
+    """Defend image classifiers against model stealing, and measure it."""
+
+
+# ---- helpers ---------------------------------------------------------------------------------
 
 
 def _device(device: str) -> str:
@@ -59,12 +76,35 @@ def _device(device: str) -> str:
 
 
 def _config(**kw: Any) -> Any:
+    """A TrainConfig from command-line values; a bad value is one line naming the flag."""
+    from pydantic import ValidationError
+
     from stealguard.training import TrainConfig
 
     try:
         return TrainConfig(**{k: v for k, v in kw.items() if v is not None})
     except ValidationError as e:
-        raise StealguardError(f"invalid training option: {e}") from None
+        raise StealguardError(f"invalid training option: {validation_line(e)}") from None
+
+
+def _defense(victim_model: Any, name: Optional[str], params: list[str]) -> Any:
+    """--defense NAME --defense-param k=v ... -> a Defense bound to the victim, or None."""
+    from stealguard.defenses import DefenseConfig
+
+    cfg = DefenseConfig.from_cli(name, params)  # refuses --defense-param without --defense
+    return None if name is None else cfg.build(victim_model)
+
+
+def _check_shape(artifact: Path, model_shape: tuple[int, ...], trained_on: str,
+                 dataset: str, data_shape: tuple[int, ...]) -> None:
+    """An artifact answers images of one shape; refuse a dataset of another before the work."""
+    if tuple(model_shape) != tuple(data_shape):
+        raise StealguardError(
+            f"{artifact} expects images of shape {tuple(model_shape)} (trained on {trained_on}), "
+            f"but {dataset} has {tuple(data_shape)}; evaluate it on a dataset of that shape")
+
+
+# ---- train / evaluate ------------------------------------------------------------------------
 
 
 @app.command()
@@ -72,16 +112,18 @@ def train(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name (see `stealguard data list`)."),
     arch: str = typer.Option("conv3", "--arch", help="Model architecture (see `stealguard models`)."),
     out_dir: Path = typer.Option(..., "--out", help="Artifact directory to write."),
-    epochs: int = typer.Option(10, help="Training epochs."),
-    batch_size: int = typer.Option(128, help="Batch size."),
+    force: bool = Force,
+    epochs: int = typer.Option(10, help="Training epochs (>= 1)."),
+    batch_size: int = typer.Option(128, help="Batch size (>= 1)."),
     optimizer: str = typer.Option("sgd", help="sgd, adam or adagrad."),
-    lr: float = typer.Option(0.05, help="Initial learning rate (cosine schedule)."),
-    weight_decay: float = typer.Option(5e-4, help="Weight decay."),
+    lr: float = typer.Option(0.05, help="Initial learning rate (> 0, cosine schedule)."),
+    weight_decay: float = typer.Option(5e-4, help="Weight decay (>= 0)."),
     augment: bool = typer.Option(False, help="Random crop (pad 4) and horizontal flip."),
-    train_subset: Optional[int] = typer.Option(None, help="Train on a random subset of N images."),
+    train_subset: Optional[int] = typer.Option(None, min=1, help="Train on a random subset of "
+                                               "N >= 1 images."),
     defense: str = typer.Option("none", "--defense", help="none (one model) or edm (an "
                                 "ensemble of diverse models with a secret hash)."),
-    members: int = typer.Option(5, help="EDM: ensemble members N."),
+    members: int = typer.Option(5, min=1, help="EDM: ensemble members N."),
     lambda_d: float = typer.Option(0.5, "--lambda-d", help="EDM: diversity weight lambda_D "
                                    "(0: the regular ensemble)."),
     ood: str = typer.Option("kmnist", help="EDM: out-of-distribution set for diversity."),
@@ -90,31 +132,37 @@ def train(
 ) -> None:
     """Train a victim (one model, or with --defense edm an EDM ensemble) and save it as an
     artifact (safetensors + manifest)."""
-    from stealguard.formats import save_victim
-    from stealguard.pipeline import train_victim
-
-    device = _device(device)
+    if defense not in ("none", "edm"):
+        raise StealguardError(f"unknown training defense {defense!r}; valid: none, edm "
+                              "(output defenses are applied at query time: --defense on "
+                              "attack, evaluate and serve)")
+    check_output_dir(out_dir, "--out", force=force)
     cfg = _config(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                   weight_decay=weight_decay, augment=augment, seed=seed)
+    device = _device(device)
+    from stealguard.data import check_disjoint_splits
+
+    check_disjoint_splits(dataset, data_root=data_root)
+    progress = show_progress(as_json)
     t0 = time.perf_counter()
+    from stealguard.formats import save_victim
+
     if defense == "edm":
         from stealguard.ensemble import train_edm
 
         victim = train_edm(dataset, arch, cfg, members=members, lambda_d=lambda_d, ood=ood,
                            hash_task=hash_task, data_root=data_root, train_subset=train_subset,
-                           device=device, progress=not as_json)
-    elif defense == "none":
-        victim = train_victim(dataset, arch, cfg, data_root=data_root,
-                              train_subset=train_subset, device=device, progress=not as_json)
+                           device=device, progress=progress)
     else:
-        raise StealguardError(f"unknown training defense {defense!r}; valid: none, edm "
-                              "(output defenses are applied at query time: --defense on "
-                              "attack, evaluate and serve)")
+        from stealguard.pipeline import train_victim
+
+        victim = train_victim(dataset, arch, cfg, data_root=data_root,
+                              train_subset=train_subset, device=device, progress=progress)
     save_victim(victim, out_dir)  # the artifact format that handles the trained model
-    _emit({"dataset": dataset, "arch": arch, "defense": defense,
-           "test_accuracy": victim.test_accuracy,
-           "seconds": round(time.perf_counter() - t0, 1), "artifact": str(out_dir)},
-          as_json, "victim")
+    emit({"dataset": dataset, "arch": arch, "defense": defense,
+          "test_accuracy": victim.test_accuracy,
+          "seconds": round(time.perf_counter() - t0, 1), "artifact": str(out_dir)},
+         as_json, "victim")
 
 
 @app.command()
@@ -127,6 +175,7 @@ def evaluate(
     """Report an artifact's accuracy on a test split (the final model, as saved); with
     --defense, the defender's accuracy with it on and the size of its perturbations."""
     from stealguard.data import load_dataset
+    from stealguard.data.loaders import known_shape
     from stealguard.formats import load_victim
     from stealguard.pipeline import test_set_for
     from stealguard.training import accuracy
@@ -134,32 +183,29 @@ def evaluate(
 
     device = _device(device)
     victim = load_victim(artifact)
+    shape = tuple(victim.model.input_shape)
+    if dataset is not None and known_shape(dataset) is not None:
+        _check_shape(artifact, shape, victim.dataset, dataset, known_shape(dataset))
+    d = _defense(victim.model, defense, defense_param)
     test = (test_set_for(victim, data_root=data_root) if dataset is None
             else load_dataset(dataset, "test", data_root=data_root))
+    _check_shape(artifact, shape, victim.dataset, test.name, test.image_shape)
     figures: dict[str, Any] = {"artifact": str(artifact), "arch": describe(victim.model),
                                "dataset": test.name, "test_images": len(test)}
-    d = _defense(victim.model, defense, defense_param)
     if d is None:
         figures["test_accuracy"] = accuracy(victim.model, test.images, test.labels, device=device)
     else:
         from stealguard.defenses.metrics import defense_metrics
-        from stealguard.training import resolve_device
 
         figures["defense"] = defense
         figures.update(defense_metrics(victim.model, d, test.images, test.labels,
-                                       device=resolve_device(device)))
-    _emit(figures, as_json, "evaluation")
+                                       batch_size=64, device=device,
+                                       progress=show_progress(as_json)))
+    emit(figures, as_json, "evaluation")
 
 
-def _defense(victim_model: Any, name: Optional[str], params: list[str]) -> Any:
-    """--defense NAME --defense-param k=v ... -> a Defense bound to the victim, or None."""
-    from stealguard.defenses import DefenseConfig
+# ---- attack <name>: one command per registered attack, built on demand ----------------------
 
-    cfg = DefenseConfig.from_cli(name, params)  # refuses --defense-param without --defense
-    return None if name is None else cfg.build(victim_model)
-
-
-# ---- stealguard attack <name>: options from the attack's typed Params ---------------------
 
 # Options every attack command has (the attack's own come from its Params, below).
 _ATTACK_COMMON: list[tuple[str, Any, Any]] = [
@@ -175,7 +221,7 @@ _ATTACK_COMMON: list[tuple[str, Any, Any]] = [
                                               "in-distribution images seeds are drawn from.")),
     ("data_split", str, typer.Option("train", "--data-split",
                                      help="Split of --data to draw from.")),
-    ("budget", int, typer.Option(50_000, "--budget", help="Query budget.")),
+    ("budget", int, typer.Option(50_000, "--budget", min=0, help="Query budget.")),
     ("output", str, typer.Option("probs", "--output", help="What the black box returns: "
                                  "probs, topk, label.")),
     ("defense", Optional[str], DefenseOpt),
@@ -190,6 +236,7 @@ _ATTACK_COMMON: list[tuple[str, Any, Any]] = [
     ("lr", Optional[float], typer.Option(None, "--lr", help="Clone learning rate.")),
     ("save_clone", Optional[Path], typer.Option(None, "--save-clone",
                                                 help="Save the clone as an artifact.")),
+    ("force", bool, Force),
     ("device", str, Device),
     ("data_root", Optional[str], DataRoot),
     ("as_json", bool, Json),
@@ -221,8 +268,9 @@ def _param_options(params_cls: Any) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _attack_command(name: str) -> None:
-    """Register `stealguard attack <name>`, listing only the options this attack has."""
+def _attack_command(group: typer.Typer, name: str, doc: str) -> None:
+    """Register `stealguard attack <name>` on `group`, listing only the options this attack
+    has."""
     import inspect
 
     from stealguard.attacks import attack_params_class
@@ -237,14 +285,15 @@ def _attack_command(name: str) -> None:
         inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
         for n, ann, opt in specs])
     command.__annotations__ = {n: ann for n, ann, _ in specs}
-    doc = (ATTACKS_DOC.get(name) or name)
-    attack_app.command(name, help=doc)(command)
-
-
-ATTACKS_DOC: dict[str, str] = {}
+    group.command(name, help=doc)(command)
 
 
 def _run_attack(name: str, kw: dict[str, Any]) -> None:
+    if kw["target"] is not None and (kw["api_key"] is None or kw["defense"] is not None):
+        raise StealguardError("--target needs --api-key, and takes no --defense (the "
+                              "service applies its own)")
+    if kw["save_clone"] is not None:
+        check_output_dir(kw["save_clone"], "--save-clone", force=kw["force"])
     from stealguard.artifacts import save_classifier
     from stealguard.attacks import AttackConfig, parse_attack_params
     from stealguard.formats import load_victim
@@ -274,16 +323,14 @@ def _run_attack(name: str, kw: dict[str, Any]) -> None:
     cfg = AttackConfig.parse({"name": name, "params": params, "data": data})
     blackbox = None
     if kw["target"] is not None:
-        if kw["api_key"] is None or kw["defense"] is not None:
-            raise StealguardError("--target needs --api-key, and takes no --defense (the "
-                                  "service applies its own)")
         from stealguard.service.client import HttpBlackBox
 
         blackbox = HttpBlackBox(kw["target"], kw["api_key"])
+        _check_remote_budget(blackbox, kw["budget"])
     r = steal(victim, cfg, budget=kw["budget"],
               defense=_defense(victim.model, kw["defense"], kw["defense_param"]),
               output=kw["output"], data_root=kw["data_root"], device=device,
-              progress=not kw["as_json"], blackbox=blackbox)
+              progress=show_progress(kw["as_json"]), blackbox=blackbox)
     clone = r.pop("clone")
     if kw["save_clone"] is not None:
         clone_cfg = params.get("clone")
@@ -292,7 +339,46 @@ def _run_attack(name: str, kw: dict[str, Any]) -> None:
                         metrics={"test_accuracy": r["clone_accuracy"]},
                         extra={"stolen_from": str(kw["victim_path"]), "attack": name})
         r["clone_artifact"] = str(kw["save_clone"])
-    _emit(r, kw["as_json"], name)
+    emit(r, kw["as_json"], name)
+
+
+def _check_remote_budget(blackbox: Any, budget: int) -> None:
+    """Over HTTP the key's own budget caps the attack: refuse before spending any of it."""
+    left = blackbox.remaining
+    if left is not None and left < budget:
+        raise StealguardError(
+            f"the API key has {left} queries left, fewer than --budget {budget}; pass "
+            f"--budget {left} (or less), or ask the service's operator for a larger budget")
+
+
+class LazyAttackGroup(TyperGroup):
+    """`stealguard attack`: its commands come from the attack registry (which imports torch),
+    so they are listed and built only when this group is used, not for `stealguard --help`."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        from stealguard.attacks import ATTACKS
+
+        return list(ATTACKS.names())
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands:
+            from stealguard.attacks import ATTACKS
+
+            if cmd_name not in ATTACKS:
+                return None
+            one = typer.Typer()
+            doc = (ATTACKS.get(cmd_name).__doc__ or cmd_name).strip().splitlines()[0]
+            _attack_command(one, cmd_name, doc)
+            self.commands[cmd_name] = typer.main.get_command(one)
+        return self.commands[cmd_name]
+
+
+attack_app = typer.Typer(cls=LazyAttackGroup, no_args_is_help=True,
+                         help="Steal a model through its black box (one command per attack).")
+app.add_typer(attack_app, name="attack")
+
+
+# ---- service and reproduce (their modules import no torch at module level) ------------------
 
 
 def _register_service_commands() -> None:
@@ -301,14 +387,6 @@ def _register_service_commands() -> None:
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")
     app.add_typer(audit_app, name="audit")
-
-
-def _register_attack_commands() -> None:
-    from stealguard.attacks import ATTACKS
-
-    for name in ATTACKS.names():
-        ATTACKS_DOC[name] = (ATTACKS.get(name).__doc__ or name).strip().splitlines()[0]
-        _attack_command(name)
 
 
 def _register_import_command() -> None:
@@ -325,10 +403,12 @@ def _register_reproduce_commands() -> None:
     app.command("headline")(headline_command)
 
 
-_register_attack_commands()
 _register_service_commands()
 _register_reproduce_commands()
 _register_import_command()
+
+
+# ---- demo and listings -----------------------------------------------------------------------
 
 
 @app.command()
@@ -343,11 +423,14 @@ def demo(
         raise StealguardError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
     device = _device(device)
     t0 = time.perf_counter()
-    rows = run_demo(scale=scale, device=device, data_root=data_root, progress=not as_json)
+    rows = run_demo(scale=scale, device=device, data_root=data_root,
+                    progress=show_progress(as_json))
     seconds = round(time.perf_counter() - t0, 1)
     if as_json:
-        print(json.dumps({"scale": scale, "seconds": seconds, "rows": rows}))
+        print_json({"scale": scale, "seconds": seconds, "rows": rows})
         return
+    from rich.table import Table
+
     table = Table(title=f"stealguard demo (scale={scale}, {seconds} s)")
     for col in ("row", "dataset", "defense", "attack", "labels", "queries", "accuracy",
                 "normalized", "agreement"):
@@ -356,7 +439,7 @@ def demo(
         table.add_row(r["row"], r["dataset"], r["defense"], r["attack"], r["labels"],
                       str(r["queries"]), f"{100 * r['accuracy']:.2f} %",
                       f"{r['normalized_accuracy']:.2f}x", f"{100 * r['agreement']:.2f} %")
-    out.print(table)
+    console().print(table)
 
 
 @app.command()
@@ -366,7 +449,7 @@ def defenses(as_json: bool = Json) -> None:
 
     described = describe_defenses()
     if as_json:
-        print(json.dumps({"defenses": described}))
+        print_json({"defenses": described})
         return
     for name, params in described.items():
         print(name + "".join(f"\n    {k}: {v}" for k, v in params.items()))
@@ -379,7 +462,7 @@ def attacks(as_json: bool = Json) -> None:
 
     described = describe_attacks()
     if as_json:
-        print(json.dumps({"attacks": described}, default=str))
+        print_json({"attacks": described})
         return
     for name, params in described.items():
         print(name + "".join(f"\n    {k}: {v}" for k, v in params.items()))
@@ -387,20 +470,53 @@ def attacks(as_json: bool = Json) -> None:
 
 @app.command()
 def models(as_json: bool = Json) -> None:
-    """List the registered model architectures."""
-    from stealguard.models import MODELS
+    """List the registered model architectures, with their parameter counts for 1x28x28
+    (MNIST-like) and 3x32x32 (CIFAR-like) inputs and 10 classes."""
+    from stealguard.models import describe_models
 
-    names = MODELS.names()
-    print(json.dumps({"models": names}) if as_json else "\n".join(names))
+    rows = describe_models()
+    if as_json:
+        print_json({"models": [r["name"] for r in rows], "details": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title="models (parameters for 10 classes)")
+    for col in ("model", "1x28x28", "3x32x32"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(r["name"], *(f"{p:,}" if p is not None else "-" for p in
+                                   (r["params"].get("1x28x28"), r["params"].get("3x32x32"))))
+    console().print(table)
+
+
+data_app = typer.Typer(help="Datasets: list and download.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 @data_app.command("list")
-def data_list(as_json: bool = Json) -> None:
-    """List the registered datasets (plus imagefolder:<path>)."""
-    from stealguard.data import DATASETS
+def data_list(data_root: Optional[str] = DataRoot, as_json: bool = Json) -> None:
+    """List the registered datasets (plus imagefolder:<path>) and which splits are present
+    under the data root."""
+    from stealguard.data import dataset_status, resolve_data_root
 
-    names = [*DATASETS.names(), "imagefolder:<path>"]
-    print(json.dumps({"datasets": names}) if as_json else "\n".join(names))
+    root = resolve_data_root(data_root)
+    rows = dataset_status(root)
+    if as_json:
+        print_json({"data_root": str(root), "datasets": [r["name"] for r in rows]
+                    + ["imagefolder:<path>"], "status": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"datasets under {root}")
+    for col in ("dataset", "train", "test"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], *("present" if r[s] else "missing" for s in ("train", "test")))
+    table.add_row("imagefolder:<path>", "<path>/train/<class>/", "<path>/test/<class>/")
+    console().print(table)
+    missing = [r["name"] for r in rows if not (r["train"] or r["test"])]
+    if missing:
+        print("missing ones: `stealguard data download <name>` (needs internet)")
 
 
 @data_app.command("download")
@@ -423,9 +539,38 @@ def version() -> None:
     print(__version__)
 
 
-def main() -> None:
+# ---- the entry point: one `error:` line, exit 2 ----------------------------------------------
+
+
+def _error(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run the CLI; every failure ends with one `error: ...` line on stderr and exit 2."""
     try:
-        app()
-    except StealguardError as e:
-        print(f"error: {e}", file=sys.stderr)
+        code = app(args=argv, prog_name="stealguard", standalone_mode=False)
+    except cli_errors.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
         sys.exit(2)
+    except cli_errors.UsageError as e:
+        where = f"; see `{e.ctx.command_path} --help`" if e.ctx else ""
+        _error(f"{e.format_message().rstrip('.')}{where}")
+    except cli_errors.ClickException as e:
+        _error(e.format_message())
+    except (typer.Abort, KeyboardInterrupt):
+        _error("interrupted", 130)
+    except StealguardError as e:
+        _error(str(e))
+    except OSError as e:
+        _error(os_error_line(e))
+    except Exception as e:  # pydantic's ValidationError, from a library call
+        from pydantic import ValidationError
+
+        if not isinstance(e, ValidationError):
+            raise
+        _error(f"invalid {e.title}: {validation_line(e, flags=False)}")
+    else:
+        if isinstance(code, int) and code:
+            sys.exit(code)

@@ -11,12 +11,12 @@ and reproduce take it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from stealguard.console import print_json
 from stealguard.errors import ConfigError
 
 
@@ -107,7 +107,7 @@ def import_command(
                "input_shape": list(info.input_shape), "num_classes": info.num_classes,
                "dataset": info.dataset, "normalization": info.normalization}
     if as_json:
-        print(json.dumps(figures))
+        print_json(figures)
         return
     print(f"imported {factory or onnx} as {info.format} at {out_dir}: input "
           f"{tuple(info.input_shape)}, {info.num_classes} classes, dataset {info.dataset}")

@@ -16,13 +16,14 @@ from pydantic import BaseModel
 from stealguard.attacks import AttackConfig, AttackParams, build_attack, validate_attack
 from stealguard.attacks.config import split_data_name
 from stealguard.blackbox import BlackBox, LocalBlackBox
-from stealguard.data import ImageDataset, load_dataset
+from stealguard.data import ImageDataset, check_disjoint_splits, load_dataset
 from stealguard.data.augment import to_shape
 from stealguard.defenses import Defense
 from stealguard.errors import ConfigError
 from stealguard.formats import load_victim, save_victim
 from stealguard.metrics import clone_metrics
 from stealguard.models import build_model
+from stealguard.progress import query_progress
 from stealguard.training import TrainConfig, accuracy, train
 from stealguard.victim import Victim, clone_arch
 
@@ -36,6 +37,7 @@ def train_victim(
     progress: bool = True,
 ) -> Victim:
     """Train an undefended victim on `dataset`'s train split, evaluate the final model on test."""
+    check_disjoint_splits(dataset, data_root=data_root)
     train_set = load_dataset(dataset, "train", data_root=data_root)
     test_set = load_dataset(dataset, "test", data_root=data_root)
     if train_subset is not None:
@@ -94,7 +96,8 @@ def steal(
     bb = blackbox or LocalBlackBox(victim.model, defense=defense, budget=budget, output=output,
                                    device=device or "cpu")
     before = bb.queries_used
-    result = atk(bb, budget)
+    with query_progress(bb, total=budget, enabled=progress, desc=f"{attack} queries"):
+        result = atk(bb, budget)
     test = test_set_for(victim, data_root=data_root)
     known = victim.test_accuracy == victim.test_accuracy  # NaN: not recorded (an import)
     metrics = clone_metrics(result.clone, victim.model, test.images, test.labels, device=device,

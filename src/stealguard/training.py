@@ -237,8 +237,10 @@ def train(
             return model(x).float()
 
     log, t0 = TrainLog(), time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
+    # One bar step per optimizer step (an epoch can take minutes on a CPU).
+    bar = tqdm(total=cfg.epochs * len(starts), desc=desc, unit="step", disable=not progress,
+               leave=False)
+    for epoch in range(cfg.epochs):
         perm = torch.randperm(n, device=dev, generator=gen)
         total, sums = 0, {}  # type: ignore[var-annotated]
         for start in starts:
@@ -255,12 +257,14 @@ def train(
             for k, v in step.logged.items():  # summed over images, no device sync per step
                 sums[k] = sums.get(k, 0) + v * idx.numel()
             total += idx.numel()
+            bar.update(1)
         record = {k: (v / max(total, 1)).item() for k, v in sums.items()}
         log.epochs.append({"epoch": epoch + 1, **record})
         if "loss" in record:
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}")
         if on_epoch is not None and on_epoch(epoch + 1, model):
             break
+    bar.close()
     log.seconds = time.perf_counter() - t0
     log.samples_per_second = n * len(log.epochs) / max(log.seconds, 1e-9)
     model.eval()

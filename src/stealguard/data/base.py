@@ -59,6 +59,8 @@ class ImageDataset:
 
     def subset(self, n: int | None = None, *, seed: int = 0) -> ImageDataset:
         """A seeded random subset of n rows (all rows, shuffled, if n is None)."""
+        if n is not None and n < 1:
+            raise InputError(f"a subset needs n >= 1 images, got {n}")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)
         if n is not None:

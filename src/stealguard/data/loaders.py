@@ -457,3 +457,47 @@ def load_dataset(
     return _cache.load_or_build(
         loader.name, split, src.files, lambda: loader.read(src, split), extra=extra
     )
+
+
+def known_shape(name: str) -> tuple[int, int, int] | None:
+    """(C, H, W) of a registered dataset without reading it; None for imagefolder:<path>."""
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        return None
+    key = name.strip().lower()
+    info = DATASET_INFO.get(key if key in DATASET_INFO else name)
+    if info is None:
+        get_loader(name)  # raises the unknown-name error, listing the valid names
+        return None
+    return info.channels, info.size, info.size
+
+
+def check_disjoint_splits(name: str, *, data_root: str | Path | None = None) -> None:
+    """Refuse a dataset whose train and test splits are the same files (a flat
+    imagefolder:<class>/<image> set): its "test accuracy" would be measured on training data."""
+    loader = get_loader(name)
+    if not isinstance(loader, FileLoader):
+        return
+    root = resolve_data_root(data_root)
+    train, test = loader.sources(root, "train"), loader.sources(root, "test")
+    if set(train.files) & set(test.files):
+        raise InputError(
+            f"{name}: the train and test splits are the same images (no train/ and test/ "
+            f"folders), so a test accuracy would be measured on training data; arrange it as "
+            f"<path>/train/<class>/<image> and <path>/test/<class>/<image>")
+
+
+def dataset_status(root: Path) -> list[dict[str, object]]:
+    """Each registered dataset and whether its train and test splits are present under root."""
+    rows: list[dict[str, object]] = []
+    for name in DATASETS.names():
+        loader = DATASETS.get(name)
+        row: dict[str, object] = {"name": name}
+        for split in SPLITS:
+            try:
+                present = bool(loader.sources(root, split).files) if isinstance(
+                    loader, FileLoader) else None
+            except (DatasetNotFoundError, InputError):
+                present = False
+            row[split] = present
+        rows.append(row)
+    return rows

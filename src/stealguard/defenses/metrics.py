@@ -23,22 +23,26 @@ from stealguard.victim import predict_proba
 
 def defense_metrics(
     model: nn.Module, defense: Defense, images: torch.Tensor, labels: torch.Tensor, *,
-    batch_size: int = 256, device: str | torch.device = "cpu",
+    batch_size: int = 256, device: str | torch.device | None = "cpu", progress: bool = False,
 ) -> dict[str, float]:
     """Accuracy with and without `defense`, perturbation statistics, argmax changes.
 
     images: (N, C, H, W) uint8 or float in [0, 1]; labels: (N,). KL is +inf for rows where
     the defense zeroes a class the model gave mass to (top-k, rounding).
     """
-    from stealguard.training import to_float_images
+    from tqdm.auto import tqdm
+
+    from stealguard.training import resolve_device, to_float_images
 
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise InputError(f"need N > 0 images and N labels, got {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     dists: dict[str, list[torch.Tensor]] = {name: [] for name in ("l1", "l2", "kl")}
     correct, correct_plain, changed = 0, 0, 0
+    bar = tqdm(total=int(labels.shape[0]), desc="defended evaluation", unit="img",
+               disable=not progress, leave=False)
     for xb, yb in zip(images.split(batch_size), labels.split(batch_size)):
         x = to_float_images(xb.to(dev))
         with torch.no_grad():
@@ -50,9 +54,12 @@ def defense_metrics(
         correct += int((y_tilde.argmax(1) == yb).sum())
         correct_plain += int((y.argmax(1) == yb).sum())
         changed += int((y_tilde.argmax(1) != y.argmax(1)).sum())
+        bar.update(int(yb.shape[0]))
+    bar.close()
     n = int(labels.shape[0])
-    out = {"n": float(n), "accuracy": correct / n, "accuracy_undefended": correct_plain / n,
-           "argmax_changed": changed / n}
+    out: dict[str, float] = {"n": n, "accuracy": correct / n,
+                             "accuracy_undefended": correct_plain / n,
+                             "argmax_changed": changed / n}
     for name, values in dists.items():
         v = torch.cat(values)
         out[f"{name}_mean"] = float(v.mean())

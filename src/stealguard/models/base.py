@@ -92,3 +92,24 @@ def build_model(
         net, arch=arch, in_channels=in_channels, image_size=image_size,
         num_classes=num_classes, mean=mean, std=std,
     )
+
+
+INPUT_SHAPES = {"1x28x28": (1, 28), "3x32x32": (3, 32)}  # MNIST-like, CIFAR-like
+
+
+def describe_models(num_classes: int = 10) -> list[dict[str, object]]:
+    """Each registered architecture with its parameter count per input shape (None where the
+    architecture does not take that shape)."""
+    rows: list[dict[str, object]] = []
+    for name in MODELS.names():
+        params: dict[str, int | None] = {}
+        for label, (c, size) in INPUT_SHAPES.items():
+            try:
+                with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+                    model = build_model(name, in_channels=c, image_size=size,
+                                        num_classes=num_classes)
+                params[label] = sum(p.numel() for p in model.parameters())
+            except (ValueError, RuntimeError):
+                params[label] = None
+        rows.append({"name": name, "params": params})
+    return rows

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from stealguard.console import check_output_dir, print_json, show_progress
 from stealguard.errors import StealguardError
 
 
@@ -16,7 +16,8 @@ def reproduce_command(
     spec: str = typer.Argument(..., help="A spec name (see `stealguard specs`) or a YAML path."),
     scale: str = typer.Option("quick", "--scale", help="quick (2-core CPU, minutes) or full "
                                                       "(the papers' sizes, for a GPU)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available, else "
+                                                        "cpu), cpu, cuda or cuda:N."),
     results: Path = typer.Option(Path("results"), "--results",
                                  help="Results directory: tables and plots under "
                                       "<results>/<scale>/<spec>/, victims under artifacts/."),
@@ -52,18 +53,19 @@ def reproduce_command(
         for k, names in p.missing.items():
             print(f"  needs data {', '.join(names)}: cell {k}")
         return
+    check_output_dir(results, "--results", artifact_marker=None)
     options = ({"address": address, "num_cpus": cpus, "num_gpus": gpus}
                if engine == "ray" else {})
     report = reproduce(s, scale=scale, results=results, store=store, device=device,
                        data_root=data_root, engine=engine, engine_options=options,
-                       threads=threads, progress=not as_json)
+                       threads=threads, progress=show_progress(as_json))
     figures = {"spec": report.spec, "scale": report.scale, "cells": report.cells,
                "ran": report.ran, "stored_before": report.skipped_stored,
                "need_data": report.missing_data, "failed": len(report.failed),
                "seconds": round(report.seconds, 1),
                "outputs": [str(p) for p in report.outputs]}
     if as_json:
-        print(json.dumps(figures))
+        print_json(figures)
     else:
         for k, v in figures.items():
             print(f"{k}: {v}")
@@ -84,7 +86,7 @@ def specs_command(as_json: bool = typer.Option(False, "--json", help="Print JSON
         rows.append({"name": name, "paper": s.paper, "ref": s.ref, "task": s.task,
                      "title": s.title})
     if as_json:
-        print(json.dumps({"specs": rows}))
+        print_json({"specs": rows})
         return
     for r in rows:
         print(f"{r['name']:<16} {r['paper'].upper():<4} {r['ref']:<12} {r['title']}")

@@ -67,6 +67,7 @@ class WorkerConfig:
     artifacts: str
     data_root: str | None
     threads: int | None = None
+    progress: bool = False  # inner bars (training steps, queries) for a local run on a terminal
 
 
 class Engine(Protocol):
@@ -77,7 +78,7 @@ def _context(worker: WorkerConfig) -> RunContext:
     if worker.threads:
         torch.set_num_threads(worker.threads)
     return RunContext(device=resolve_device(worker.device), artifacts=Path(worker.artifacts),
-                      data_root=worker.data_root)
+                      data_root=worker.data_root, progress=worker.progress)
 
 
 def execute(job: Job, worker: WorkerConfig, ctx: RunContext | None = None) -> JobResult:
@@ -207,7 +208,8 @@ def reproduce(
         p = plan(s, scale, rs, data_root=data_root)
         worker = WorkerConfig(device=str(resolve_device(device)),
                               artifacts=str((results / "artifacts").resolve()),
-                              data_root=str(data_root) if data_root else None, threads=threads)
+                              data_root=str(data_root) if data_root else None, threads=threads,
+                              progress=progress and engine == "local")
         eng = ENGINES[engine](**(engine_options or {}))
         failed = _run_jobs(p, rs, eng, worker, progress=progress, on_result=on_result)
         outputs: list[Path] = []

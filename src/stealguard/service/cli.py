@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from stealguard.console import print_json
 from stealguard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -84,7 +84,8 @@ def serve_command(
     metrics: bool = typer.Option(False, "--metrics/--no-metrics",
                                  help="Serve Prometheus metrics at GET /metrics."),
     threads: int | None = typer.Option(None, help="torch intra-op threads (default: torch's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), "
+                                                        "cpu or cuda[:N]."),
     log_level: str = typer.Option("warning", help="Log level (uvicorn's, or the replicas')."),
     engine: str = typer.Option(
         "local", "--engine", help="local: one process under uvicorn. ray: Ray Serve, each EDM "
@@ -120,7 +121,7 @@ def serve_command(
         keep_alive_s=keep_alive, graceful_s=graceful_timeout,
         limit_concurrency=limit_concurrency)
     if engine == "ray":
-        if device != "cpu":
+        if device not in ("auto", "cpu"):
             raise ConfigError("--device is for --engine local; with --engine ray give the "
                               "members GPUs with --num-gpus-per-member")
         from stealguard.service.ray_serve import RayOptions
@@ -132,6 +133,9 @@ def serve_command(
         _serve_ray(artifact, defense=spec, store=store, limits=limits, options=options,
                    address=ray_address, host=host, port=port)
         return
+    from stealguard.training import resolve_device
+
+    device = str(resolve_device(device))
     if threads is not None:
         torch.set_num_threads(threads)
     served = load_served_model(artifact)
@@ -197,7 +201,7 @@ def keys_create(
     key, secret = _store(store).create_key(name=name, budget=budget, rate_limit=rate_limit,
                                            rate_window=rate_window, output=output, k=k)
     if as_json:
-        print(json.dumps({**key.public(), "secret": secret}))
+        print_json({**key.public(), "secret": secret})
         return
     print(f"key {key.id} ({name or 'no name'}): budget {budget if budget is not None else 'none'}"
           f", output {output}")
@@ -209,7 +213,7 @@ def keys_list(store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
     """List keys: id, name, budget, used, limits, revoked (never secrets)."""
     rows = [k.public() for k in _store(store).list_keys()]
     if as_json:
-        print(json.dumps({"keys": rows}))
+        print_json({"keys": rows})
         return
     _table("API keys", rows, ["id", "name", "budget", "used", "remaining", "rate_limit",
                               "rate_window_s", "output", "created", "revoked"])
@@ -252,7 +256,7 @@ def audit_command(
     summary = s.audit_summary(key)
     rows = s.audit_rows(key, limit=last) if last else []
     if as_json:
-        print(json.dumps({**summary, "rows": rows}))
+        print_json({**summary, "rows": rows})
         return
     _table(f"audit of key {summary['key']}", [{"field": k, "value": v}
                                               for k, v in summary.items()], ["field", "value"])
@@ -285,7 +289,7 @@ def audit_refused(
         raise ConfigError(f"unknown refusal code {reason!r}; valid: {', '.join(REFUSALS)}")
     rows = _store(store).refusals(key, reason=reason, limit=last or None)
     if as_json:
-        print(json.dumps({"refused": rows}))
+        print_json({"refused": rows})
         return
     _table(f"{len(rows)} refused request(s), newest first", [
         {**r, "time": _iso(r["time"]), "key_id": r["key_id"] or "-",
@@ -303,8 +307,8 @@ def audit_verify(
     deleted or inserted row."""
     check = _store(store).verify_audit(head=head)
     if as_json:
-        print(json.dumps({"ok": check.ok, "rows": check.rows, "head": check.head,
-                          "problem": check.problem, "bad_seq": check.bad_seq}))
+        print_json({"ok": check.ok, "rows": check.rows, "head": check.head,
+                    "problem": check.problem, "bad_seq": check.bad_seq})
     elif check.ok:
         print(f"audit log intact: {check.rows} rows, head {check.head}")
     else:

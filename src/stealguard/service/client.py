@@ -70,6 +70,7 @@ class HttpBlackBox(BlackBox):
         self.max_images = int(info["max_images_per_request"])
         self.max_body_bytes = int(info["max_body_bytes"])
         self.budget, self.queries_used = info["budget"], int(info["used"])
+        self.rate_limit: int | None = info.get("rate_limit")  # images per rate window
 
     def info(self) -> dict[str, Any]:
         """The service's GET /v1/info for this key."""
@@ -88,12 +89,14 @@ class HttpBlackBox(BlackBox):
         return torch.cat([self._predict(part) for part in send.split(self._chunk(send))])
 
     def _chunk(self, x: torch.Tensor) -> int:
-        """Images per request: the server's count limit, and its body limit with a margin
-        (JSON spends up to ~22 bytes per float pixel, 4 per uint8 one, PNG ~1.4 per byte)."""
+        """Images per request: the server's count limit, the key's rate limit (a larger
+        request could never pass it; smaller ones wait out the window on 429), and the body
+        limit with a margin (JSON ~22 bytes per float pixel, 4 per uint8 one, PNG ~1.4)."""
         pixels = x[0].numel()
         per_image = (pixels * 1.4 + 200 if self.encoding == "png"
                      else pixels * (4 if x.dtype == torch.uint8 else 22) + 64)
-        return max(1, min(self.max_images, int(0.9 * self.max_body_bytes / per_image)))
+        limit = min(self.max_images, self.rate_limit or self.max_images)
+        return max(1, min(limit, int(0.9 * self.max_body_bytes / per_image)))
 
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
         return self._predict(x)
