@@ -47,8 +47,8 @@ def make_tiny_root(root: Path, *, train: int = 300, test: int = 100) -> Path:
 
     rng = np.random.default_rng(7)
     for split in ("train", "test"):
-        for k, cls in enumerate(("airplane", "automobile", "bird", "cat", "deer",
-                                 "dog", "frog", "horse", "ship", "truck")):
+        for cls in ("airplane", "automobile", "bird", "cat", "deer",
+                    "dog", "frog", "horse", "ship", "truck"):
             folder = root / "CIFAR10-jpg" / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for m in range(max(1, test // 10)):
