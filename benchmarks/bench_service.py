@@ -15,10 +15,17 @@ One run, in order:
   3. the ratio: served images / in-process images, summed over the rounds,
   4. kill -9 the server mid-load, restart it on the same SQLite store, keep loading: every
      request that was answered must be in the audit log and counted,
-  5. with --knockoff: KnockoffNets against a briefly trained MNIST conv3 victim, through the
+  5. SIGTERM the server mid-load (a clean stop): it must answer every request it charged,
+     so the images counted equal the images answered,
+  6. peak server memory (VmHWM, reset through /proc/<pid>/clear_refs before each phase)
+     under a stream of the largest valid requests (--max-images float-pixel images), then
+     under a stream of the issue's oversized body (15.6 MB: one innermost pixel list of
+     5.2 M zeros), from --memory-clients clients, with the latency of one-image requests
+     sent alongside; the figure is the ratio of the two peaks over the idle server's RSS,
+  7. with --knockoff: KnockoffNets against a briefly trained MNIST conv3 victim, through the
      local black box and through the server, same seed: answers, counts, clone accuracy.
-The whole run stops by itself (--max-seconds, default 480; about 1.5 minutes without
---knockoff, 4 with it, on a busy 2-core CPU).
+The whole run stops by itself (--max-seconds, default 480; about 2 minutes without
+--knockoff, 4.5 with it, on a busy 2-core CPU).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ class Load:
 
 
 async def load(url: str, secret: str, bodies: list[bytes], *, clients: int, seconds: float,
-               tolerate_down: bool = False) -> Load:
+               tolerate_down: bool = False, stop_when_down: bool = False) -> Load:
     """`clients` concurrent keep-alive connections, each posting bodies back to back for
     `seconds`. A bare HTTP/1.1 client on asyncio streams: the load generator shares the two
     cores with the server, and httpx's async client spends about as much CPU per request
@@ -112,6 +119,8 @@ async def load(url: str, secret: str, bodies: list[bytes], *, clients: int, seco
                 res.transport_errors += 1
                 _close(conn)
                 conn = None
+                if stop_when_down:
+                    break
                 if tolerate_down:
                     await asyncio.sleep(0.05)
                 continue
@@ -224,7 +233,11 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--baseline-seconds", type=float, default=4.0, help="in-process, per round")
     p.add_argument("--restart-seconds", type=float, default=6.0, help="load before and after the kill")
-    p.add_argument("--no-restart", action="store_true", help="skip the kill-and-restart check")
+    p.add_argument("--no-restart", action="store_true",
+                   help="skip the kill-and-restart and SIGTERM checks")
+    p.add_argument("--no-memory", action="store_true", help="skip the oversized-body check")
+    p.add_argument("--memory-clients", type=int, default=6)
+    p.add_argument("--memory-seconds", type=float, default=8.0, help="per phase")
     p.add_argument("--knockoff", action="store_true",
                    help="also: KnockoffNets local vs over HTTP on real MNIST/FashionMNIST")
     p.add_argument("--knockoff-budget", type=int, default=5000)
@@ -255,6 +268,9 @@ def main() -> None:
         server.stop()
         if not args.no_restart:
             fig.update(restart_check(server, store, bodies, args))
+            fig.update(sigterm_check(server, store, bodies, args))
+        if not args.no_memory:
+            fig.update(memory_check(server, store, args))
         if args.knockoff:
             fig.update(knockoff_check(tmp, args))
     finally:
@@ -317,6 +333,78 @@ def restart_check(server: Server, store: KeyStore, bodies: list[bytes],
         "restart_counted_not_answered": used - res.images,
         "restart_no_answered_query_missing": not missing and used >= res.images,
     }
+
+
+def sigterm_check(server: Server, store: KeyStore, bodies: list[bytes],
+                  args: argparse.Namespace) -> dict[str, object]:
+    """Load, SIGTERM the server mid-load, let it stop: a clean stop answers every request it
+    charged, so nothing is counted that was not answered (kill -9 may leave some)."""
+    key, secret = store.create_key(name="sigterm")
+    server.start()
+
+    async def run() -> Load:
+        async def stop() -> None:
+            await asyncio.sleep(args.restart_seconds / 2)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+        stopping = asyncio.create_task(stop())
+        res = await load(server.url, secret, bodies, clients=args.clients,
+                         seconds=args.restart_seconds, stop_when_down=True)
+        await stopping
+        return res
+
+    res = asyncio.run(run())
+    assert server.proc is not None
+    code = server.proc.wait(60)
+    used = store.get(key.id).used
+    return {"sigterm_answered_images": res.images, "sigterm_images_counted": used,
+            "sigterm_counted_not_answered": used - res.images, "sigterm_exit_code": code,
+            "sigterm_audit_chain_ok": store.verify_audit().ok}
+
+
+def _rss_kb(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} for process {pid}")
+
+
+def memory_check(server: Server, store: KeyStore, args: argparse.Namespace) -> dict[str, object]:
+    """Peak server RSS under a stream of the largest valid requests, then under a stream
+    of oversized bodies, each over the idle server's RSS; one-image latency alongside."""
+    _, secret = store.create_key(name="memory")
+    server.start()
+    assert server.proc is not None
+    pid = server.proc.pid
+    g = torch.Generator().manual_seed(2)
+    valid = [json.dumps({"pixels": torch.rand(256, *SHAPE, generator=g).tolist()}).encode()]
+    bomb = [b'{"dtype":"uint8","pixels":[[[[' + b"0, " * 5_200_000 + b"0]]]]}"]
+    one = make_bodies("pixels", 1, count=4)
+    asyncio.run(load(server.url, secret, one, clients=2, seconds=1))  # warm
+    idle = _rss_kb(pid, "VmRSS")
+    out: dict[str, object] = {"memory_idle_rss_mb": round(idle / 1024, 1),
+                              "memory_valid_body_mb": round(len(valid[0]) / 1e6, 2),
+                              "memory_oversized_body_mb": round(len(bomb[0]) / 1e6, 2)}
+    for name, bodies in (("valid", valid), ("oversized", bomb)):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+
+        async def phase(bodies: list[bytes] = bodies) -> tuple[Load, Load]:
+            return await asyncio.gather(
+                load(server.url, secret, bodies, clients=args.memory_clients,
+                     seconds=args.memory_seconds),
+                load(server.url, secret, one, clients=1, seconds=args.memory_seconds))
+
+        heavy, probe = asyncio.run(phase())
+        peak = _rss_kb(pid, "VmHWM")
+        out[f"memory_{name}_requests"] = sum(heavy.statuses.values())
+        out[f"memory_{name}_statuses"] = heavy.statuses
+        out[f"memory_{name}_peak_over_idle_mb"] = round((peak - idle) / 1024, 1)
+        out[f"memory_{name}_one_image_p50_ms"] = round(pct(probe.latencies, 50), 1)
+        out[f"memory_{name}_one_image_p99_ms"] = round(pct(probe.latencies, 99), 1)
+    server.stop()
+    v, o = out["memory_valid_peak_over_idle_mb"], out["memory_oversized_peak_over_idle_mb"]
+    out["memory_oversized_to_valid_peak_ratio"] = round(float(o) / max(float(v), 0.1), 2)
+    return out
 
 
 def knockoff_check(tmp: Path, args: argparse.Namespace) -> dict[str, object]:

@@ -124,10 +124,10 @@ def _image_regex(shape: tuple[int, int, int]) -> re.Pattern[bytes]:
 class _Reader:
     """A cursor over the body bytes."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data, self.pos = data, 0
 
-    def peek(self) -> bytes:
+    def peek(self) -> bytes | bytearray:
         self.pos = _WS.match(self.data, self.pos).end()  # type: ignore[union-attr]
         return self.data[self.pos:self.pos + 1]
 
@@ -191,7 +191,7 @@ class _Reader:
         raise self.malformed("expected a JSON value")
 
 
-def parse_request(raw: bytes, input_shape: tuple[int, int, int], *,
+def parse_request(raw: bytes | bytearray, input_shape: tuple[int, int, int], *,
                   max_images: int) -> PredictRequest:
     """JSON bytes -> PredictRequest, read with bounds from the model's (C, H, W) and the
     image limit; BadRequest 400 (not JSON), 413 (too many images) or 422 (fields, types)."""
