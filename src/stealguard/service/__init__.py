@@ -4,9 +4,12 @@
     served.py    ServedModel, load_served_model(path): artifacts by manifest format
     store.py     KeyStore: hashed keys, atomic budget and rate accounting, audit log (SQL)
     batching.py  MicroBatcher: concurrent requests -> one model batch, in a worker thread
-    codec.py     the request format (base64 PNG/JPEG or pixel arrays) and its checks
+    codec.py     the request format (base64 PNG/JPEG or pixel arrays), its bounded parser
+    errors.py    the refusals and their codes (REFUSALS)
+    server.py    ServerLimits and the guarded h11 protocol under uvicorn (headers, timeouts)
+    metrics.py   ServiceMetrics: Prometheus counters and histograms of one app
     client.py    HttpBlackBox: the service as a BlackBox, so attacks run over HTTP
-    cli.py       serve_command, keys_app, audit_command
+    cli.py       serve_command, keys_app, audit_app (show, refused, verify)
 
 Importing this package does not import FastAPI, SQLAlchemy or httpx; the names below load
 their module on first use.
