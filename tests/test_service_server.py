@@ -137,8 +137,9 @@ def test_a_slow_or_short_body_is_dropped_after_the_read_timeout(model, tmp_path,
         assert wait_for(lambda: store.refusals(reason="read_timeout"))
     row = store.refusals(reason="read_timeout")[0]
     assert row["key_id"] == key.id and row["client"].startswith("127.0.0.1:")
-    assert re.search(rf"body not complete after 1 s \((5\d|60) of {len(BODY)} body bytes",
-                     row["detail"]), row["detail"]
+    got = re.search(rf"body not complete after 1 s \((\d+) of {len(BODY)} body bytes",
+                    row["detail"])
+    assert got and 50 <= int(got.group(1)) < len(BODY), row["detail"]
     records = service_records(caplog)
     assert len(records) == 1 and "dropped a request from 127.0.0.1" in records[0].getMessage()
     assert records[0].exc_info is None and store.get(key.id).used == 0
