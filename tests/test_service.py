@@ -361,6 +361,7 @@ def test_http_black_box_splits_counts_and_refuses_like_the_local_one(model, stor
     assert bb.queries_used == 9  # learnt from the refusal
     _, limited = store.create_key(rate_limit=2, rate_window=3600)
     slow = HttpBlackBox("http://testserver", limited, client=client, max_rate_wait_s=0)
+    slow.rate_limit = None  # as a client that does not split by the rate limit
     with pytest.raises(ServiceError, match="answered 413: a batch of 3 images can never fit") as e:
         slow.query(X[:3])  # never fits the window: at once, no retry
     assert e.value.status == 413 and not isinstance(e.value, RateLimited)
