@@ -46,16 +46,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
-from bench_defenses import per_query_loop  # noqa: E402
+from bench_defenses import per_query_loop
 
-from stealguard.blackbox import LocalBlackBox  # noqa: E402
-from stealguard.data import ImageDataset, load_dataset  # noqa: E402
-from stealguard.defenses import build_defense  # noqa: E402
-from stealguard.ensemble.hashing import DNNHash  # noqa: E402
-from stealguard.ensemble.joint import train_ensemble  # noqa: E402
-from stealguard.ensemble.predictor import EDMPredictor  # noqa: E402
-from stealguard.models import Classifier, build_model  # noqa: E402
-from stealguard.training import TrainConfig, accuracy, resolve_device, train  # noqa: E402
+from stealguard.blackbox import LocalBlackBox
+from stealguard.data import ImageDataset, load_dataset
+from stealguard.defenses import build_defense
+from stealguard.ensemble.hashing import DNNHash
+from stealguard.ensemble.joint import train_ensemble
+from stealguard.ensemble.predictor import EDMPredictor
+from stealguard.models import Classifier, build_model
+from stealguard.training import TrainConfig, accuracy, resolve_device, train
 
 TOL_PROBS = 1e-4
 TOL_MAD = 2e-3

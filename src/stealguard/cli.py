@@ -396,10 +396,16 @@ def _register_import_command() -> None:
 
 
 def _register_reproduce_commands() -> None:
-    from stealguard.reproduce.cli import headline_command, reproduce_command, specs_command
+    from stealguard.reproduce.cli import (
+        demo_command,
+        headline_command,
+        reproduce_command,
+        specs_command,
+    )
 
     app.command("reproduce")(reproduce_command)
     app.command("specs")(specs_command)
+    app.command("demo")(demo_command)
     app.command("headline")(headline_command)
 
 
@@ -408,40 +414,10 @@ _register_reproduce_commands()
 _register_import_command()
 
 
-# ---- demo and listings -----------------------------------------------------------------------
+# ---- listings -------------------------------------------------------------------------------
 
 
 @app.command()
-def demo(
-    scale: str = typer.Option("quick", help="quick (2-core CPU, minutes) or full (papers' sizes)."),
-    device: str = Device, data_root: Optional[str] = DataRoot, as_json: bool = Json,
-) -> None:
-    """The main job: MNIST victim, KnockoffNets clones (FashionMNIST queries), one table."""
-    from stealguard.demo import SCALES, run_demo
-
-    if scale not in SCALES:
-        raise StealguardError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
-    device = _device(device)
-    t0 = time.perf_counter()
-    rows = run_demo(scale=scale, device=device, data_root=data_root,
-                    progress=show_progress(as_json))
-    seconds = round(time.perf_counter() - t0, 1)
-    if as_json:
-        print_json({"scale": scale, "seconds": seconds, "rows": rows})
-        return
-    from rich.table import Table
-
-    table = Table(title=f"stealguard demo (scale={scale}, {seconds} s)")
-    for col in ("row", "dataset", "defense", "attack", "labels", "queries", "accuracy",
-                "normalized", "agreement"):
-        table.add_column(col, justify="right" if col in ("queries", "accuracy") else "left")
-    for r in rows:
-        table.add_row(r["row"], r["dataset"], r["defense"], r["attack"], r["labels"],
-                      str(r["queries"]), f"{100 * r['accuracy']:.2f} %",
-                      f"{r['normalized_accuracy']:.2f}x", f"{100 * r['agreement']:.2f} %")
-    console().print(table)
-
-
 @app.command()
 def defenses(as_json: bool = Json) -> None:
     """List the registered output defenses and their parameters."""

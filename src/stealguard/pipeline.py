@@ -1,7 +1,7 @@
 """The data path in a few calls: dataset -> victim -> black box -> attack -> metrics.
 
-The CLI, the demo and (later) experiment specs all go through these functions, so a number
-printed by `stealguard demo` and one stored by a sweep are computed the same way.
+The CLI and the experiment specs (the demo is one) go through these functions, so a number
+printed by `stealguard attack` and one stored by a sweep are computed the same way.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ Models", ICLR 2021. One file per part of the paper:
     predictor.py  EDMPredictor: one member per query, chosen by the hash (sec. 4.2)
     bundle.py     members + hash network + manifest on disk (the hash stays secret)
     pipeline.py   train_edm / train_hash_net and the KMNIST split
-    demo.py       the EDM rows of `stealguard demo`
 """
 
 from stealguard.ensemble import hash_net as _hash_net  # noqa: F401  (registers hash_cnn3)

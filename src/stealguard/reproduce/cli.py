@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from stealguard.console import check_output_dir, print_json, show_progress
+from stealguard.console import check_output_dir, console, print_json, show_progress
 from stealguard.errors import StealguardError
 
 
@@ -110,3 +110,91 @@ def headline_command(
         print(f"{readme}: headline section rewritten")
     else:
         print(text, end="")
+
+
+def demo_command(
+    scale: str = typer.Option("quick", "--scale", help="quick (a 2-core CPU, < 10 min) or full "
+                                                      "(the papers' sizes, for a GPU)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
+    results: Path = typer.Option(Path("results/demo"), "--results",
+                                 help="Where the demo's run store, victims and table go."),
+    fresh: bool = typer.Option(False, "--fresh", help="Run every cell again (a new run store)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Datasets folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """The main job: an MNIST victim, KnockoffNets clones, undefended, MAD-argmax and EDM.
+
+    It is the spec `demo` (stealguard/reproduce/specs/demo.yaml) run like `stealguard
+    reproduce demo`: resumable (a finished cell is not run again; --fresh runs them all)."""
+    import platform
+    import shutil
+    import time
+
+    import torch
+
+    from stealguard.reproduce.runner import plan, reproduce
+    from stealguard.reproduce.spec import load_spec
+    from stealguard.reproduce.store import RunStore
+    from stealguard.reproduce.tables import rows_for
+    from stealguard.training import resolve_device
+
+    device = str(resolve_device(device))
+    spec = load_spec("demo")
+    if scale not in spec.scales:
+        raise StealguardError(f"unknown scale {scale!r}; valid: {', '.join(spec.scales)}")
+    check_output_dir(results, "--results", artifact_marker=None)
+    if fresh and (results / "runs.db").exists():
+        shutil.rmtree(results / scale, ignore_errors=True)
+        (results / "runs.db").unlink()
+    t0 = time.perf_counter()
+    report = reproduce(spec, scale=scale, results=results, device=device, data_root=data_root,
+                       progress=show_progress(as_json))
+    seconds = time.perf_counter() - t0
+    rs = RunStore(results / "runs.db")
+    try:
+        rows = [demo_row(r.params, r.metrics) for r in rows_for(
+            plan(spec, scale, rs, data_root=data_root), rs) if r.status == "ok"]
+    finally:
+        rs.close()
+    machine = (f"{platform.machine()} {platform.processor() or ''}".strip() +
+               f", {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if as_json:
+        print_json({"scale": scale, "seconds": round(seconds, 1), "ran": report.ran,
+                    "stored_before": report.skipped_stored, "machine": machine, "rows": rows})
+    else:
+        print_demo_table(rows, title=f"stealguard demo (scale={scale})")
+        print(f"wall time {seconds:.0f} s ({report.ran} cells run, {report.skipped_stored} "
+              f"from the run store {results / 'runs.db'}); machine: {machine}")
+    if report.failed:
+        raise StealguardError(f"{len(report.failed)} demo cell(s) failed: "
+                              + "; ".join(err for _, err in report.failed))
+
+
+def demo_row(params: dict, metrics: dict) -> dict:  # type: ignore[type-arg]
+    """One line of the demo table: the target, its defense, the clone stolen from it."""
+    d = params.get("defense") or {}
+    eps = (d.get("params") or {}).get("epsilon")
+    defense = d.get("name", "none") + (f"(eps={eps})" if eps is not None else "")
+    return {"target": params["victim"]["training"], "defense": defense,
+            "attack": f"{params['attack']}({params['queries']})",
+            "labels": params["options"].get("labels", "soft"), "queries": int(metrics["queries"]),
+            "defender_accuracy": metrics["defender_accuracy"],
+            "clone_accuracy": metrics["clone_accuracy"],
+            "normalized_accuracy": metrics["normalized_accuracy"],
+            "agreement": metrics["agreement"]}
+
+
+def print_demo_table(rows: list[dict], *, title: str) -> None:  # type: ignore[type-arg]
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("target", "defense", "attack", "labels", "queries", "defender acc",
+                "clone acc", "normalized", "agreement"):
+        table.add_column(col, justify="right" if col not in ("target", "defense", "attack",
+                                                             "labels") else "left")
+    for r in rows:
+        table.add_row(r["target"], r["defense"], r["attack"], r["labels"], str(r["queries"]),
+                      f"{100 * r['defender_accuracy']:.2f} %",
+                      f"{100 * r['clone_accuracy']:.2f} %",
+                      f"{r['normalized_accuracy']:.2f}x", f"{100 * r['agreement']:.2f} %")
+    console().print(table)
