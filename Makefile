@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 # The CPU build of torch: pinned so pip takes the local CPU wheel instead of several GB of CUDA
 # packages. On a CUDA machine, install torch for your CUDA first and run `make setup TORCH=`.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,ray,onnx
+EXTRAS ?= dev,ray,onnx,art
 STEALGUARD_DATA ?= $(abspath ../shared/datasets)
 export STEALGUARD_DATA
 

@@ -75,6 +75,10 @@ class Defense(ABC):
 
     Params: ClassVar[type[DefenseParams]] = NoParams
     preserves_argmax: ClassVar[bool] = False
+    # Whether the answer depends on the query images x, not only on probs (MAD's Jacobian,
+    # keyed noise, an OOD score). Output-only defenses (False) can run where no image is seen,
+    # as ART postprocessors (stealguard.interop.art).
+    reads_input: ClassVar[bool] = True
     budget: Budget | None = None
 
     @classmethod
@@ -137,6 +141,7 @@ class NoDefense(CheckedDefense):
     """Returns the model's probabilities unchanged."""
 
     preserves_argmax = True
+    reads_input = False
     budget = Budget("l1", 0.0)
 
     def perturb(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -148,6 +153,7 @@ class Compose(Defense):
 
     def __init__(self, defenses: Sequence[Defense]) -> None:
         self.defenses = list(defenses)
+        self.reads_input = any(d.reads_input for d in self.defenses)  # type: ignore[misc]
 
     def __call__(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         for d in self.defenses:

@@ -30,6 +30,7 @@ class ReverseSigmoidParams(DefenseParams):
 @DEFENSES.register("reverse_sigmoid")
 class ReverseSigmoid(CheckedDefense):
     Params = ReverseSigmoidParams
+    reads_input = False  # a function of probs alone
 
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0) -> None:
         for name, v in (("beta", beta), ("gamma", gamma)):

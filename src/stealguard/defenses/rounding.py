@@ -27,6 +27,7 @@ class RoundingParams(DefenseParams):
 @DEFENSES.register("rounding")
 class Rounding(CheckedDefense):
     Params = RoundingParams
+    reads_input = False  # a function of probs alone
 
     def __init__(self, *, decimals: int = 2) -> None:
         if not 0 <= decimals <= 6:

@@ -35,6 +35,7 @@ def check_k(k: int, num_classes: int) -> None:
 @DEFENSES.register("topk")
 class TopK(CheckedDefense):
     Params = TopKParams
+    reads_input = False  # a function of probs alone
     preserves_argmax = True
 
     def __init__(self, *, k: int = 1) -> None:
