@@ -80,7 +80,7 @@ def test_art_classifier_as_our_victim() -> None:
     victim = victim_from_art(clf)
     x, _ = quadrant_images(32, seed=4)
     xf = x.float().div(255)
-    bb = LocalBlackBox(victim.model if hasattr(victim, "model") else victim, budget=32)
+    bb = LocalBlackBox(victim, budget=32)
     ours = bb.query(xf).numpy()
     art_probs = torch.softmax(torch.as_tensor(clf.predict(xf.numpy())), 1).numpy()
     np.testing.assert_allclose(ours, art_probs, atol=1e-5)
