@@ -9,6 +9,10 @@ As in the authors' code (`bb_randnoise.py`), δ is drawn uniformly from [0, 2 ε
 that ||E δ||_p = ε) and then projected onto the L1 or L2 ball of radius ε. The budget holds in
 logit space (`noise(x, K)` returns δ); the output-space distance is not bounded by ε.
 
+z is the authors' unclamped σ^{-1}(y), in float64: a probability of exactly 0 (or 1) gives
+z = -inf (+inf) and σ(z + δ) = 0 (1), which is the formula's limit, so no clamp is needed
+(a clamp at 1e-6 moved small probabilities up to ~1e-6 · e^δ).
+
 δ is a keyed hash of the image bytes (`keyed.py`): the same image gets the same noise
 every time, so repeating a query gains the attacker nothing.
 """
@@ -79,6 +83,6 @@ class RandomNoise(CheckedDefense):
         return PROJECTIONS[self.dist](delta, self.epsilon)
 
     def perturb(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        z = torch.logit(probs.double().clamp(1e-6, 1 - 1e-6))  # (B, K) per-class logits
+        z = torch.logit(probs.double())  # (B, K) per-class logits, +-inf at exact 0 / 1
         s = torch.sigmoid(z + self.noise(x, probs.shape[1]))  # (B, K)
         return (s / s.sum(1, keepdim=True)).to(probs.dtype)
