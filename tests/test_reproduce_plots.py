@@ -99,7 +99,7 @@ def test_tradeoff_marks_undefended_ideal_and_paper_and_orders_by_x(rows):
     assert list(lines["undefended"].get_xydata()[0]) == pytest.approx([95.0, 99.0])
     # ideal defense: chance-level attacker (MNIST: 10 classes), undefended defender accuracy
     assert list(lines["ideal defense"].get_xydata()[0]) == pytest.approx([10.0, 99.0])
-    mad = lines["mad"].get_xydata()
+    mad = lines["MAD"].get_xydata()  # the paper's name, not the registry's "mad"
     assert list(mad[:, 0]) == pytest.approx([40.0, 65.0, 85.0])  # sorted, NaN row left out
     hollow = sorted(tuple(ln.get_xydata()[0]) for ln in fig.axes[0].get_lines()
                     if ln.get_markerfacecolor() == "none")
@@ -188,3 +188,46 @@ def test_regions_draws_the_toy_rows(toy_rows, tmp_path):
     _png_ok(plot(regions, rows, tmp_path / "fig1.png"))
     fig = PLOTS.get("regions")(regions, rows)
     assert len(fig.axes) == 9  # three panels per row, the row without series says "no data"
+
+
+# --- reading like the paper: names, one legend outside, no silent averaging ---------------
+
+
+def test_labels_are_the_papers_names_and_the_legend_is_outside_the_panels(rows):
+    fig = PLOTS.get("tradeoff")(KINDS[0], rows)
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("MNIST (")  # not "victim.dataset = mnist"
+    assert ax.get_xlabel() == "Acc(attacker) (%)" and ax.get_ylabel() == "Acc(defender) (%)"
+    assert ax.get_legend() is None and len(fig.legends) == 1  # one figure legend, outside
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "MAD" in texts and "reverse-sigmoid" in texts and "undefended" in texts
+
+
+def test_the_dp_sgd_series_is_named_dp_sgd_not_none(rows):
+    dp = _row({"victim": {"dataset": "mnist", "training": "dp_sgd"},
+               "defense": {"name": "none", "params": {}}},
+              {"clone_accuracy": 0.5, "defender_accuracy": 0.7, "victim_accuracy": 0.7}, {})
+    fig = PLOTS.get("tradeoff")(KINDS[0], [*rows, dp])
+    lines = _lines_by_label(fig)
+    assert "DP-SGD" in lines and "none" not in lines
+    assert list(lines["DP-SGD"].get_xydata()[0]) == pytest.approx([50.0, 70.0])
+
+
+def test_edm_table3_bars_never_average_soft_and_hard_labels():
+    spec = load_spec("edm-table3")
+    bars = [p for p in spec.plots if p.kind == "bars"]
+    assert sorted(tuple(p.where.get("options.labels", [])) for p in bars) == [("hard",),
+                                                                             ("soft",)]
+    rows = [_row({"victim": {"dataset": "mnist", "training": "edm"}, "attack": "knockoff",
+                  "options": {"labels": lab}}, {"clone_accuracy": acc}, {},
+                 {"clone_accuracy": paper})
+            for lab, acc, paper in (("soft", 0.40, 51.34), ("hard", 0.20, 30.0))]
+    soft = [r for r in rows if r["params"]["options"]["labels"] == "soft"]
+    fig = PLOTS.get("bars")(bars[0] if bars[0].where["options.labels"] == ["soft"] else bars[1],
+                            soft)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [pytest.approx(40.0)]  # the soft value, next to the paper's soft diamond
+    # a bar whose cells differ in more than the seed says so on the panel
+    fig = PLOTS.get("bars")(PlotSpec(kind="bars", x="clone_accuracy", series="victim.training",
+                                     group="attack"), rows)
+    assert "options.labels" in fig.axes[0].get_xlabel()

@@ -21,6 +21,10 @@ in percent, next to the paper's numbers. Kinds (registered in `PLOTS`, looked up
 `facet` makes one panel per value of that field path; `group` splits lines (line style) or
 bar categories. The paper's number is a hollow marker at our point (or at the bar). Rows
 without a value are skipped and counted in the panel's title; an empty panel says so.
+Axes, panels and legends use the papers' names (`display`: "MNIST", "MAD-argmax",
+"Acc(attacker) (%)"), not field paths; one legend per figure, outside the panels, with the
+same colour for a series in every panel. A bar never silently averages cells that differ in
+anything but their seed: such a panel says what it averaged over (filter with `where`).
 Figures are `matplotlib.figure.Figure` objects written by the Agg canvas: no pyplot, no
 display, no global state.
 """
@@ -43,11 +47,57 @@ from stealguard.registry import Registry
 from stealguard.reproduce.spec import PlotSpec, get_path
 
 Row = Mapping[str, Any]
-Draw = Callable[[Axes, PlotSpec, list[Row]], int]  # draws one panel, returns rows skipped
+Palette = dict[str, str]  # series label -> colour, the same in every panel of a figure
+Draw = Callable[[Axes, PlotSpec, list[Row], Palette], int]  # one panel, returns rows skipped
 
 PLOTS: Registry[Callable[[PlotSpec, list[Row]], Figure]] = Registry("plot kind")
 COLORS = [f"C{i}" for i in range(10)]
 LINESTYLES = ["-", "--", ":", "-."]
+
+
+# --- names as the papers write them ----------------------------------------------------
+
+METRIC_NAMES = {
+    "clone_accuracy": "Acc(attacker)", "defender_accuracy": "Acc(defender)",
+    "victim_accuracy": "target accuracy", "agreement": "agreement with the target",
+    "normalized_accuracy": "normalised clone accuracy", "l1_mean": "L1 distance ||ỹ - y||₁",
+    "l2_mean": "L2 distance ||ỹ - y||₂", "kl_mean": "KL(y || ỹ)", "budget": "queries",
+    "ratio": "defended / undefended time",
+}
+FIELD_NAMES = {
+    "victim.dataset": "dataset", "victim.training": "target", "defense.name": "defense",
+    "defense": "defense", "attack": "attack", "options.labels": "labels",
+    "options.arch": "clone architecture", "clone.optimizer": "clone optimizer",
+}
+VALUE_NAMES = {
+    "mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100", "svhn": "SVHN", "emnist-letters": "EMNIST letters",
+    "knockoff": "KnockoffNets", "jbda": "JBDA", "jbda_tr": "JBDA-TR", "jb_top3": "JB-top3",
+    "jb_self": "JB-self", "adaptive_averaging": "adaptive averaging",
+    "mad": "MAD", "mad_argmax": "MAD-argmax", "reverse_sigmoid": "reverse-sigmoid",
+    "random_noise": "random-noise", "dp_sgd": "DP-SGD", "topk": "top-k", "rounding": "rounding",
+    "edm": "EDM", "standard": "undefended", "adaptive_misinformation": "Adaptive Misinformation",
+    "soft": "soft labels", "hard": "hard labels",
+}
+
+
+def display(text: str) -> str:
+    """A label as the papers write it: "mad_argmax(epsilon=0.5) / soft" ->
+    "MAD-argmax(epsilon=0.5) / soft labels"; an image folder by its folder name."""
+    parts = []
+    for part in text.split(" / "):
+        head, paren, rest = part.partition("(")
+        if head.startswith("imagefolder:"):
+            head = head.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(VALUE_NAMES.get(head, head) + paren + rest)
+    return " / ".join(parts)
+
+
+def axis_name(name: str) -> str:
+    """An axis title for a metric or a field path: "Acc(attacker) (%)", "queries"."""
+    text = METRIC_NAMES.get(name) or FIELD_NAMES.get(name) or name.rsplit(".", 1)[-1].replace(
+        "_", " ")
+    return f"{text} (%)" if is_accuracy(name) else text
 
 
 # --- values -----------------------------------------------------------------------------
@@ -76,7 +126,13 @@ def label(row: Row, path: str) -> str:
     """The value of field path `path` of the cell, as a legend label ("" without a path)."""
     if not path:
         return ""
-    v = get_path(row.get("params") or {}, path, "?")
+    params = row.get("params") or {}
+    v = get_path(params, path, "?")
+    if path in ("defense", "defense.name") and (v == "none" or (
+            isinstance(v, Mapping) and v.get("name") == "none")):
+        training = get_path(params, "victim.training", "standard")
+        if training != "standard":  # the victim's training is the defense (dp_sgd, edm, ...)
+            return str(training)
     if isinstance(v, Mapping) and "name" in v:  # {name, params}: a defense
         params = v.get("params") or {}
         args = ",".join(f"{k}={p}" for k, p in sorted(params.items()))
@@ -102,7 +158,7 @@ def series_values(row: Row, name: str) -> np.ndarray:
 
 
 def _axis_label(name: str) -> str:
-    return f"{name} (%)" if is_accuracy(name) else name
+    return axis_name(name)
 
 
 def _note(ax: Axes, text: str, *, y: float = 0.5) -> None:
@@ -119,24 +175,35 @@ def _faceted(draw: Draw) -> Callable[[PlotSpec, list[Row]], Figure]:
         facets = _split(rows, spec.facet) if rows else [("", [])]
         ncols = min(len(facets), 3)
         nrows = math.ceil(len(facets) / ncols)
-        fig = Figure(figsize=(4.4 * ncols, 3.8 * nrows), layout="constrained")
+        fig = Figure(figsize=(4.4 * ncols + 1.8, 3.8 * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+        palette = dict(zip(_order([label(r, spec.series) for r in rows]), cycle(COLORS)))
         for ax, (name, facet_rows) in zip(axes, facets):
-            skipped = draw(ax, spec, facet_rows) if facet_rows else 0
-            title = [f"{spec.facet} = {name}"] if spec.facet else []
+            skipped = draw(ax, spec, facet_rows, palette) if facet_rows else 0
+            title = [display(name)] if spec.facet else []
             if skipped:
                 title.append(f"({skipped} cell(s) without values)")
             ax.set_title(" ".join(title), fontsize=9)
             if not ax.has_data():
                 _note(ax, "no data" if rows else "no measured cells")
-            handles, _ = ax.get_legend_handles_labels()
-            if 0 < len(handles) <= 14:
-                ax.legend(fontsize=7)
         for ax in axes[len(facets):]:
             ax.set_visible(False)
+        _legend(fig, axes[:len(facets)])
         return fig
 
     return figure
+
+
+def _legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for the figure, to the right of the panels (never over the data); each
+    label once, in the order first drawn."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(text, handle)
+    if 0 < len(seen) <= 24:
+        fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize=8,
+                   frameon=False)
 
 
 def _lines(rows: Sequence[Row], spec: PlotSpec) -> list[tuple[str, str, list[Row]]]:
@@ -148,10 +215,9 @@ def _lines(rows: Sequence[Row], spec: PlotSpec) -> list[tuple[str, str, list[Row
     return out
 
 
-def _draw_xy(ax: Axes, spec: PlotSpec, rows: list[Row], *, skip: Callable[[Row], bool],
-             marker: str) -> int:
+def _draw_xy(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette, *,
+             skip: Callable[[Row], bool], marker: str) -> int:
     """Lines through (x, y) ordered by x, one per (series, group); paper values hollow."""
-    colors = dict(zip(_order([label(r, spec.series) for r in rows]), cycle(COLORS)))
     styles = dict(zip(_order([label(r, spec.group) for r in rows]), cycle(LINESTYLES)))
     skipped = 0
     for name, s_name, line_rows in _lines([r for r in rows if not skip(r)], spec):
@@ -161,7 +227,8 @@ def _draw_xy(ax: Axes, spec: PlotSpec, rows: list[Row], *, skip: Callable[[Row],
         style = styles[label(line_rows[0], spec.group)]
         if pts:
             xs, ys = zip(*[(x, y) for x, y, _ in pts])
-            ax.plot(xs, ys, linestyle=style, marker=marker, color=color, label=name or None)
+            ax.plot(xs, ys, linestyle=style, marker=marker, color=color,
+                    label=display(name) if name else None)
         _paper(ax, spec, line_rows, color)
     ax.set_xlabel(_axis_label(spec.x))
     ax.set_ylabel(_axis_label(spec.y))
@@ -213,8 +280,8 @@ def chance(rows: Sequence[Row]) -> float:
     return math.nan
 
 
-def _draw_tradeoff(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
-    skipped = _draw_xy(ax, spec, rows, skip=undefended, marker="x")
+def _draw_tradeoff(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
+    skipped = _draw_xy(ax, spec, rows, colors, skip=undefended, marker="x")
     base = _points([r for r in rows if undefended(r)], spec)
     if base:
         ax.plot([p[0] for p in base], [p[1] for p in base], "o", color="k", markersize=7,
@@ -234,76 +301,83 @@ def _draw_tradeoff(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
     return skipped
 
 
-def _draw_curve(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
-    return _draw_xy(ax, spec, rows, skip=lambda r: False, marker=".")
+def _draw_curve(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
+    return _draw_xy(ax, spec, rows, colors, skip=lambda r: False, marker=".")
 
 
-def _draw_cdf(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
+def _draw_cdf(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
     skipped = 0
-    colors = cycle(COLORS)
+    cycle_ = cycle(COLORS)
     for r in rows:
         v = np.sort(series_values(r, spec.x))
         if v.size == 0:
             skipped += 1
             continue
         name = " / ".join(n for n in (label(r, spec.series), label(r, spec.group)) if n)
-        ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", color=next(colors),
-                label=name or None)
-    ax.set_xlabel(spec.x)
+        ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", color=next(cycle_),
+                label=display(name) if name else None)
+    ax.set_xlabel(axis_name(spec.x))
     ax.set_ylabel("CDF")
     ax.set_ylim(0, 1.02)
     return skipped
 
 
-def _draw_histogram(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
+def _draw_histogram(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
     skipped = 0
-    for (name, s_rows), color in zip(_split(rows, spec.series), cycle(COLORS)):
+    for name, s_rows in _split(rows, spec.series):
+        color = colors.get(name, "C0")
         parts = [series_values(r, spec.x) for r in s_rows]
         skipped += sum(p.size == 0 for p in parts)
         v = np.concatenate(parts) if parts else np.empty(0)
         if v.size:
-            ax.hist(v, bins=30, alpha=0.5, color=color, label=name or None)
-    ax.set_xlabel(spec.x)
+            ax.hist(v, bins=30, alpha=0.5, color=color, label=display(name) if name else None)
+    ax.set_xlabel(axis_name(spec.x))
     ax.set_ylabel("count")
     return skipped
 
 
-def _draw_bars(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
+def _draw_bars(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
     if any(spec.x in (r.get("series") or {}) for r in rows):
-        return _draw_index_bars(ax, spec, rows)
-    return _draw_metric_bars(ax, spec, rows)
+        return _draw_index_bars(ax, spec, rows, colors)
+    return _draw_metric_bars(ax, spec, rows, colors)
 
 
-def _draw_index_bars(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
+def _draw_index_bars(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
     """series[x] (a sorted histogram) as bars at 1..n, side by side per series value."""
     groups = [(n, [series_values(r, spec.x) for r in rs]) for n, rs in _split(rows, spec.series)]
     skipped = sum(v.size == 0 for _, vs in groups for v in vs)
     width = 0.8 / max(len(groups), 1)
-    for i, ((name, vs), color) in enumerate(zip(groups, cycle(COLORS))):
+    for i, (name, vs) in enumerate(groups):
+        color = colors.get(name, "C0")
         vs = [v for v in vs if v.size]
         if not vs:
             continue
         n = max(v.size for v in vs)
         mean = np.nanmean([np.pad(v, (0, n - v.size), constant_values=np.nan) for v in vs], 0)
         pos = np.arange(1, n + 1) + (i - (len(groups) - 1) / 2) * width
-        ax.bar(pos, np.nan_to_num(mean), width=width, color=color, label=name or None)
-    ax.set_xlabel(f"{spec.x} (rank)")
+        ax.bar(pos, np.nan_to_num(mean), width=width, color=color,
+               label=display(name) if name else None)
+    ax.set_xlabel(f"{axis_name(spec.x)} (rank)")
     ax.set_ylabel(spec.y or "value")
     return skipped
 
 
-def _draw_metric_bars(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
-    """The metric x per category (group value), one bar per series value; paper hollow."""
+def _draw_metric_bars(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
+    """The metric x per category (group value), one bar per series value; paper hollow.
+    A bar is the mean over its cells' seeds; if its cells differ in anything else, the
+    panel's axis says what was averaged over (the spec should filter it with `where`)."""
     cats = _order([label(r, spec.group) for r in rows])
     names = _order([label(r, spec.series) for r in rows])
     width = 0.8 / max(len(names), 1)
-    skipped = 0
-    for i, (name, color) in enumerate(zip(names, cycle(COLORS))):
-        legend = name or None
+    skipped, mixed = 0, set()
+    for i, name in enumerate(names):
+        color = colors.get(name, "C0")
+        legend = display(name) if name else None
         for j, cat in enumerate(cats):
             cell = [r for r in rows if label(r, spec.series) == name and label(r, spec.group) == cat]
             ours = [v for v in (value(r, spec.x) for r in cell) if math.isfinite(v)]
             skipped += len(cell) - len(ours)
+            mixed |= differing_fields(cell, ignore=(spec.series, spec.group, spec.facet))
             pos = j + (i - (len(names) - 1) / 2) * width
             if ours:
                 ax.bar([pos], [float(np.mean(ours))], width=width, color=color, label=legend)
@@ -312,12 +386,43 @@ def _draw_metric_bars(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
             paper = [p for p in paper if math.isfinite(p)]
             if paper:
                 _hollow(ax, pos, paper[0], "k", marker="D")
-    ax.set_xticks(range(len(cats)), cats, fontsize=8, rotation=20 if len(cats) > 3 else 0)
+    ax.set_xticks(range(len(cats)), [display(c) for c in cats], fontsize=8,
+                  rotation=20 if len(cats) > 3 else 0)
     ax.set_ylabel(_axis_label(spec.x))
+    if mixed:
+        ax.set_xlabel(f"each bar averages over {', '.join(sorted(mixed))}", fontsize=7,
+                      color="C3")
     return skipped
 
 
-def _draw_lines(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
+def differing_fields(rows: Sequence[Row], *, ignore: Sequence[str] = ()) -> set[str]:
+    """The leaf field paths whose values differ among `rows` (seeds and `ignore`d paths, and
+    anything below them, left out)."""
+    flat = [_flatten(r.get("params") or {}) for r in rows]
+    keys = set().union(*flat) if flat else set()
+    skip = [p for p in ignore if p]
+    out = set()
+    for k in keys:
+        if k == "seed" or k.endswith(".seed") or any(k == p or k.startswith(p + ".")
+                                                      for p in skip):
+            continue
+        if len({repr(f.get(k)) for f in flat}) > 1:
+            out.add(k)
+    return out
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _draw_lines(ax: Axes, spec: PlotSpec, rows: list[Row], colors: Palette) -> int:
     """series[y] against series[x], one line per row (e.g. the attacker's test loss over
     training steps, MAD Fig. 7)."""
     skipped = 0
@@ -327,9 +432,9 @@ def _draw_lines(ax: Axes, spec: PlotSpec, rows: list[Row]) -> int:
             skipped += 1
             continue
         name = " / ".join(n for n in (label(r, spec.series), label(r, spec.group)) if n)
-        ax.plot(xs, ys, color=color, label=name or None)
-    ax.set_xlabel(spec.x)
-    ax.set_ylabel(spec.y)
+        ax.plot(xs, ys, color=color, label=display(name) if name else None)
+    ax.set_xlabel(axis_name(spec.x))
+    ax.set_ylabel(axis_name(spec.y))
     return skipped
 
 
@@ -373,7 +478,7 @@ def regions(spec: PlotSpec, rows: list[Row]) -> Figure:
         ax_row[1].scatter(s["query_x"], s["query_y"], s=12, facecolors="none", linewidths=0.8,
                           edgecolors=[cmap(int(v)) for v in s["query_label"]])
         ax_row[1].set_title(REGION_PANELS[1], fontsize=9)
-        ax_row[0].set_ylabel(name or "cell")
+        ax_row[0].set_ylabel(display(name) if name else "cell")
         for ax, metric in ((ax_row[0], "target_accuracy"), (ax_row[2], "clone_accuracy")):
             v = value(r, metric)
             if math.isfinite(v):
