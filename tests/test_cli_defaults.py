@@ -104,6 +104,8 @@ def test_readme_commands_run_as_written(root: Path, tmp_path: Path, capsys, monk
             if secret:
                 command = command.replace("sg_...", secret)
             args = shlex.split(command)[1:]
+            if args[0] == "import":  # needs the user's own model files (tests/test_byom.py)
+                continue
             if args[0] == "serve":
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
                 server = subprocess.Popen([sys.executable, "-c", "from stealguard.cli import "
