@@ -5,6 +5,7 @@ and serves; bad input is refused at import time with what to fix."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import textwrap
@@ -23,12 +24,12 @@ import stealguard
 from stealguard.attacks import KnockoffNets
 from stealguard.blackbox import LocalBlackBox
 from stealguard.cli import app
-from stealguard.defenses import build_defense
+from stealguard.defenses import DefenseConfig, build_defense
 from stealguard.defenses.distances import DISTANCES
 from stealguard.errors import ConfigError
 from stealguard.formats import FORMATS, describe_artifact, load_victim, save_victim
 from stealguard.models import build_model
-from stealguard.service import HttpBlackBox, KeyStore, create_app, load_served_model
+from stealguard.service import HttpBlackBox, KeyStore, create_app, load_served_model, ray_serve
 from stealguard.training import TrainConfig
 from stealguard.victim import Victim
 from stealguard.wrapped import WrappedModel
@@ -458,6 +459,23 @@ def test_format_contract_save_load_describe_serve(name, trained, user_pkg, tmp_p
     client, secret = _serve(load_served_model(path), None, tmp_path)
     with HttpBlackBox("http://testserver", secret, client=client) as hbb:
         torch.testing.assert_close(hbb.query(X), want, rtol=0, atol=1e-5)
+    router = ray_serve.Router(str(path), [LocalHandle(ray_serve.MemberModel(str(path), i,
+                                                                          threads=1))
+                                          for i in range(info.members)],
+                              DefenseConfig(), threads=1)  # Ray Serve's code, without Ray
+    torch.testing.assert_close(asyncio.run(router(x)), want, rtol=0, atol=1e-5)
+
+
+class LocalHandle:
+    """A member deployment's handle, in this process: `remote(x)` is awaitable."""
+
+    def __init__(self, member: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.member = member
+
+    def remote(self, x: torch.Tensor):
+        async def answer() -> torch.Tensor:
+            return self.member(x)
+        return answer()
 
 
 def test_reproduce_takes_an_imported_artifact_as_victim(user_pkg, trained, tmp_path, folder):

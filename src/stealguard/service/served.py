@@ -61,7 +61,8 @@ class ServedModel:
         if not (callable(getattr(model, "predict_proba", None)) or callable(model)):
             raise ConfigError(f"a served model needs predict_proba(x) or forward(x); "
                               f"{type(model).__name__} has neither")
-        return cls(model, tuple(model.input_shape), int(model.num_classes), list(classes or []))
+        names = classes or getattr(model, "classes", None) or []  # a wrapped model has its own
+        return cls(model, tuple(model.input_shape), int(model.num_classes), list(names))
 
     @torch.no_grad()  # not inference_mode: a defense after it (MAD) may need autograd
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
