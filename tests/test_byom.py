@@ -31,7 +31,7 @@ from stealguard.formats import FORMATS, describe_artifact, load_victim, save_vic
 from stealguard.models import build_model
 from stealguard.service import HttpBlackBox, KeyStore, create_app, load_served_model, ray_serve
 from stealguard.training import TrainConfig
-from stealguard.victim import Victim
+from stealguard.victim import Predictor, Victim
 from stealguard.wrapped import WrappedModel
 from synthetic import quadrant_dataset, quadrant_images
 
@@ -445,6 +445,7 @@ def test_format_contract_save_load_describe_serve(name, trained, user_pkg, tmp_p
     assert (info.format, info.input_shape, info.num_classes, info.classes) == (
         name, (1, 8, 8), 4, CLASSES)
     loaded = load_victim(path)
+    assert isinstance(loaded.model, Predictor)  # input_shape, num_classes, predict_proba
     assert (loaded.dataset, loaded.classes) == ("quads", CLASSES)
     assert loaded.test_accuracy == victim.test_accuracy
     x = X.float() / 255

@@ -62,6 +62,10 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
 
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K) float32 probabilities (a `stealguard.victim.Predictor`)."""
+        return torch.softmax(self(x).float(), dim=1)
+
 
 def register_model(name: str) -> Callable[[Factory], Factory]:
     """Register a model factory under `name` (a decorator), so the CLI, specs, clones and EDM
