@@ -3,17 +3,23 @@ plain DataLoader-style loop (per-sample __getitem__, per-sample augmentation in 
 default collate), same model, same optimizer, measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_training.py [--arch conv3] [--images 8192] [--device cpu]
+        [--profile]
 
-Prints images/second for each (median of --rounds alternating runs) and the ratio
-(ours / per-sample loop).
+Prints images/second for each (median of --rounds alternating runs) and the ratios
+(ours / per-sample loop), for stealguard's loop as it runs (channels-last on a CPU) and
+forced to the default NCHW layout, so the layout's share of the gain is visible.
+--profile first prints where one epoch of stealguard's loop spends its time (torch.profiler,
+operators by self CPU time).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -60,12 +66,33 @@ def per_sample_loop(model, images, labels, *, epochs, batch_size, augment, devic
     return len(labels) * epochs / (time.perf_counter() - t0)
 
 
-def ours(model, images, labels, *, epochs, batch_size, augment, device) -> float:
+def ours(model, images, labels, *, epochs, batch_size, augment, device,
+         channels_last=None) -> float:
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05, augment=augment)
-    log = train(model, images, labels, config=cfg, device=device, progress=False)
+    log = train(model, images, labels, config=cfg, device=device, progress=False,
+                channels_last=channels_last)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return log.samples_per_second
+
+
+def profile_ours(args, images, labels, device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(args.arch, in_channels=args.channels, image_size=args.size,
+                        num_classes=10)
+    for channels_last in (False, True):
+        ours(model, images[:256], labels[:256], epochs=1, batch_size=args.batch_size,
+             augment=True, device=device, channels_last=channels_last)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ours(model, images, labels, epochs=1, batch_size=args.batch_size, augment=True,
+                 device=device, channels_last=channels_last)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        print(f"profile, one epoch, augment=True, {'channels-last' if channels_last else 'NCHW'}"
+              f": {total / 1e6:.2f} s of operator time")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
+            print(f"  {e.key:45s} {100 * e.self_cpu_time_total / total:5.1f} %")
 
 
 def main() -> None:
@@ -78,22 +105,28 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=3,
-                   help="alternate the two loops this many times and report medians")
+                   help="alternate the loops this many times and report medians")
+    p.add_argument("--profile", action="store_true", help="profile stealguard's loop first")
     args = p.parse_args()
     device = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.images, args.channels, args.size, args.size),
                            dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (args.images,), generator=g)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, "
-          f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}")
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"arch {args.arch}, {args.images} images {args.channels}x{args.size}x{args.size}, "
           f"{args.epochs} epochs, batch {args.batch_size}")
+    if args.profile:
+        profile_ours(args, images, labels, device)
+    contenders = (("per-sample DataLoader loop", per_sample_loop),
+                  ("stealguard train", ours),
+                  ("stealguard train, NCHW", partial(ours, channels_last=False)))
     for augment in (False, True):
         rates: dict[str, list[float]] = {}
-        for _ in range(args.rounds):  # alternate, so a busy neighbour slows both alike
-            for name, fn in (("per-sample DataLoader loop", per_sample_loop),
-                             ("stealguard train", ours)):
+        for _ in range(args.rounds):  # alternate, so a busy neighbour slows all alike
+            for name, fn in contenders:
                 torch.manual_seed(0)
                 model = build_model(args.arch, in_channels=args.channels, image_size=args.size,
                                     num_classes=10)
@@ -104,8 +137,11 @@ def main() -> None:
                     augment=augment, device=device))
         base = statistics.median(rates["per-sample DataLoader loop"])
         mine = statistics.median(rates["stealguard train"])
-        print(f"augment={augment!s:5}  per-sample loop {base:8.0f} img/s   "
-              f"stealguard {mine:8.0f} img/s   ratio {mine / base:.2f}x")
+        nchw = statistics.median(rates["stealguard train, NCHW"])
+        print(f"augment={augment!s:5}  per-sample loop {base:6.0f} img/s   stealguard {mine:6.0f}"
+              f" img/s ({mine / base:.2f}x)   stealguard NCHW {nchw:6.0f} img/s "
+              f"({nchw / base:.2f}x)")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from stealguard.ensemble.hashing import (
     random_perturbation,
     sorted_index_histogram,
 )
-from stealguard.ensemble.joint import EnsembleLog, StackedMembers, train_ensemble
+from stealguard.ensemble.joint import EnsembleLog, MemberList, StackedMembers, train_ensemble
 from stealguard.ensemble.pipeline import (
     EDMVictim,
     aux_sets,
@@ -56,7 +56,7 @@ from stealguard.ensemble.predictor import EDMPredictor
 __all__ = [
     "HASHES", "DCTHash", "DNNHash", "EDMManifest", "EDMPredictor", "EDMVictim", "EnsembleLog",
     "HashSpec",
-    "ImageHash", "SHA1Hash", "StackedMembers", "aux_sets", "coherence", "coherence_cdf",
+    "ImageHash", "MemberList", "SHA1Hash", "StackedMembers", "aux_sets", "coherence", "coherence_cdf",
     "coherence_on", "diversity_loss", "edm_loss", "is_edm_bundle", "load_aux", "load_edm",
     "load_edm_victim", "pairwise_cosine", "public_info", "random_perturbation",
     "read_edm_manifest", "read_hash_spec", "save_edm", "save_edm_victim", "sorted_index_histogram",

@@ -6,10 +6,17 @@ ICLR 2021, section 4.1, eq. 3:
     L = E [ 1/N sum_i CE(f_i(x), y) + lambda_D * DivLoss({f_i(x~)}_{i=1..N}) ]
 
 `train_ensemble` runs `stealguard.training.train` on a module whose forward gives all members'
-logits (N, B, K), with eq. 3 as the loss and the OOD set as an extra batch stream. The
-members' parameters are stacked along a leading axis N with `torch.func.stack_module_state`,
-and one `vmap` of `functional_call` evaluates all members on a batch at once: each step is
-one forward and one backward for the whole ensemble. Each step every member sees the same in-distribution batch x
+logits (N, B, K), with eq. 3 as the loss and the OOD set as an extra batch stream. That
+module has two forms, chosen by the device (`batched=None`):
+- on CUDA, `StackedMembers`: the members' parameters stacked along a leading axis N with
+  `torch.func.stack_module_state`, and one `vmap` of `functional_call` evaluates all
+  members at once (one kernel per layer for the whole ensemble);
+- on a CPU, `MemberList`: the members as separate modules, called one after the other in
+  the same step. vmap turns each convolution into a grouped one, which the CPU runs far
+  slower than N plain ones: five conv3 members cost 10x one model per step vmapped and
+  about N x (B + B') / B separately (benchmarks/bench_edm.py, BENCHMARKS.md).
+The two compute the same function and the same gradients (up to float rounding).
+Each step every member sees the same in-distribution batch x
 (B images) and the same OOD batch x~ (B' images), so the diversity term compares the
 members on identical inputs (BatchNorm members normalise over both batches together,
 each member with its own running statistics). The optimizer (SGD / Adam / Adagrad of
@@ -102,6 +109,26 @@ class StackedMembers(nn.Module):
             m.load_state_dict(state, strict=True)
 
 
+class MemberList(nn.Module):
+    """N members as separate modules; `forward(x)` -> (N, B, K), one call per member.
+    The members are trained in place (no copy to write back)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        check_members(members)
+        self.members = nn.ModuleList(members)
+        self.n = len(members)
+        if hasattr(members[0], "num_classes"):  # `train` checks the labels against it
+            self.num_classes = int(members[0].num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) shared by all members -> (N, B, K)."""
+        return torch.stack([m(x) for m in self.members])
+
+    def write_back(self, members: Sequence[nn.Module]) -> None:
+        """Nothing to copy: `members` are the trained modules themselves."""
+
+
 def _shared_buffers(members: Sequence[nn.Module]) -> set[str]:
     """Names of the `Normalize` buffers, when every member holds the same values."""
     names = {f"{mod}.{b}" if mod else b for mod, module in members[0].named_modules()
@@ -160,17 +187,21 @@ def train_ensemble(
     members: Sequence[Classifier], images: torch.Tensor, labels: torch.Tensor,
     ood_images: torch.Tensor | None, *, lambda_d: float, config: TrainConfig,
     ood_batch_size: int | None = None, device: str | torch.device | None = "cpu",
-    progress: bool = True, desc: str = "edm",
+    progress: bool = True, desc: str = "edm", batched: bool | None = None,
 ) -> TrainLog:
     """Train `members` in place on eq. 3. images (M, C, H, W) uint8, labels (M,) int64,
     ood_images (M', C, H, W) uint8 (unused when lambda_d == 0). ood_batch_size defaults to
-    config.batch_size; the OOD set is cycled, reshuffled each pass."""
+    config.batch_size; the OOD set is cycled, reshuffled each pass. batched: run the members
+    as one vmapped `StackedMembers` (True) or as a `MemberList` (False); None: vmapped on
+    CUDA, separate on a CPU (see the module docstring)."""
     check_members(members)
     _check_data(members, images, labels, ood_images, lambda_d)
     dev = resolve_device(device)
     extras = ({"ood": ExtraBatches(ood_images, batch_size=ood_batch_size)}
               if lambda_d > 0 and ood_images is not None else {})
-    stack = StackedMembers(members)
+    if batched is None:
+        batched = dev.type == "cuda"
+    stack: StackedMembers | MemberList = (StackedMembers if batched else MemberList)(members)
     log = train(stack, images, labels.long(), config=config, device=dev, progress=progress,
                 desc=desc, loss=edm_objective(lambda_d, len(members)), extras=extras)
     stack.write_back(members)
