@@ -4,8 +4,8 @@
    over its share) vs one member alone on the same batches: images/s and the ratio;
 2. training: N = 5 members jointly on eq. 3 (lambda_D > 0 with an OOD batch, and the
    regular ensemble lambda_D = 0), as `train_ensemble` runs them on this device (on a CPU:
-   the members as separate modules, channels-last) and forced to the vmapped form
-   (`batched=True`), vs one model trained with `stealguard.training.train` on the same
+   the members as separate modules), with `channels_last=True`, and forced to the vmapped
+   form (`batched=True`), vs one model trained with `stealguard.training.train` on the same
    images, epochs and batch size: seconds and ratios, next to the floor N (B + B') / B (every
    member processes the B images and the B' OOD images; N for lambda_D = 0);
 3. hash analysis (App. A.2): the mean sorted member-index histogram over random
@@ -83,22 +83,25 @@ def bench_training(images: torch.Tensor, labels: torch.Tensor, ood: torch.Tensor
                    batch: int, ood_batch: int, repeats: int) -> dict[str, float]:
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.05)
 
-    def edm(lambda_d: float, batched: bool | None) -> Callable[[], object]:
+    def edm(lambda_d: float, batched: bool | None, cl: bool = False) -> Callable[[], object]:
         return lambda: train_ensemble(_members(5), images, labels, ood, lambda_d=lambda_d,
                                       config=cfg, ood_batch_size=ood_batch, progress=False,
-                                      batched=batched)
+                                      batched=batched, channels_last=cl)
 
     t = _best_of({
         "one": lambda: train(_members(1)[0], images, labels, config=cfg, progress=False),
-        "edm": edm(0.5, None), "regular": edm(0.0, None),
+        "edm": edm(0.5, None), "regular": edm(0.0, None), "edm_cl": edm(0.5, None, True),
+        "regular_cl": edm(0.0, None, True),
         "edm_vmapped": edm(0.5, True), "regular_vmapped": edm(0.0, True),
     }, repeats)
     return {**t, **{f"{k}_ratio": t[k] / t["one"] for k in t if k != "one"},
             "edm_floor": 5 * (batch + ood_batch) / batch, "regular_floor": 5.0}
 
 
-def _print_training(train_set, ood_set, *, repeats: int) -> None:  # type: ignore[no-untyped-def]
-    for batch, ood_batch in ((128, 32), (64, 16), (32, 8)):
+def _print_training(train_set, ood_set, *, repeats: int,  # type: ignore[no-untyped-def]
+                    batches: str = "128:32,64:16,32:8") -> None:
+    for pair in batches.split(","):
+        batch, ood_batch = (int(v) for v in pair.split(":"))
         t = bench_training(train_set.images, train_set.labels, ood_set.images, batch=batch,
                            ood_batch=ood_batch, repeats=repeats)
         print(f"training 1 epoch, {len(train_set)} MNIST images, batch {batch} (+{ood_batch} OOD):"
@@ -106,8 +109,9 @@ def _print_training(train_set, ood_set, *, repeats: int) -> None:  # type: ignor
         for k, floor in (("edm", "edm_floor"), ("regular", "regular_floor")):
             name = "EDM (lambda_D=0.5)" if k == "edm" else "regular (lambda_D=0)"
             print(f"  N=5 {name:20s} {t[k]:6.2f} s -> {t[k + '_ratio']:5.2f}x one model "
-                  f"(floor {t[floor]:.2f}x, target {1.2 * 5:.1f}x); vmapped {t[k + '_vmapped']:6.2f}"
-                  f" s -> {t[k + '_vmapped_ratio']:5.2f}x")
+                  f"(floor {t[floor]:.2f}x, target {1.2 * 5:.1f}x); channels-last "
+                  f"{t[k + '_cl']:6.2f} s -> {t[k + '_cl_ratio']:5.2f}x; vmapped "
+                  f"{t[k + '_vmapped']:6.2f} s -> {t[k + '_vmapped_ratio']:5.2f}x")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
@@ -116,6 +120,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--training-only", action="store_true", help="only the training ratios")
+    p.add_argument("--batches", default="128:32,64:16,32:8",
+                   help="training batch:OOD batch pairs to time (comma-separated)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     n_inf, n_train, n_hash, n_pert = (1024, 640, 20, 50) if a.quick else (5120, 2560, 200, 200)
@@ -126,7 +132,7 @@ def main() -> None:
     train_set = load_dataset("mnist", "train").subset(n_train, seed=0)
     hash_set, ood_set = aux_sets("kmnist", "kmnist", input_shape=(1, 28, 28))
     if a.training_only:
-        return _print_training(train_set, ood_set, repeats=a.repeats)
+        return _print_training(train_set, ood_set, repeats=a.repeats, batches=a.batches)
     hash_net, acc = train_hash_net(hash_set, config=TrainConfig(epochs=5, lr=0.05),
                                    progress=False)
     print(f"hash network: hash_cnn3 on KMNIST half 0 ({len(hash_set)} images, 5 epochs), "
@@ -136,7 +142,7 @@ def main() -> None:
           f"img/s, EDM (N=5, DNN hash) {r['edm_img_s']:.0f} img/s -> EDM/member throughput "
           f"{r['ratio']:.2f}x (hash {100 * r['hash_share']:.0f} % of EDM time, largest member "
           f"share {r['largest_share']:.2f})")
-    _print_training(train_set, ood_set, repeats=a.repeats)
+    _print_training(train_set, ood_set, repeats=a.repeats, batches=a.batches)
     hashes = {"dnn": DNNHash(hash_net), "dct": HASHES.get("dct")(), "sha1": HASHES.get("sha1")()}
     print(f"hash analysis (App. A.2), {n_hash} MNIST test images x {n_pert} random perturbations,"
           f" N=5, mean sorted index histogram:")

@@ -162,3 +162,16 @@ def test_on_epoch_hook_sees_every_epoch_and_can_stop_training() -> None:
                 progress=False, on_epoch=lambda epoch, m: seen.append(epoch) or epoch == 2)
     assert seen == [1, 2] and len(log.epochs) == 2  # stopped after epoch 2, as asked
     assert log.samples_per_second == pytest.approx(64 * 2 / log.seconds)
+
+
+def test_channels_last_trains_the_same_model_and_hands_it_back_contiguous():
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05)
+    x, y = quadrant_images(256, seed=1)
+    models = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        models[cl] = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
+        train(models[cl], x, y, config=cfg, progress=False, channels_last=cl)
+    for name, p in models[True].state_dict().items():
+        assert p.is_contiguous(), name  # saved as safetensors: must be the default layout
+        assert torch.allclose(p, models[False].state_dict()[name], atol=1e-4), name

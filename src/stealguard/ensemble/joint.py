@@ -188,12 +188,13 @@ def train_ensemble(
     ood_images: torch.Tensor | None, *, lambda_d: float, config: TrainConfig,
     ood_batch_size: int | None = None, device: str | torch.device | None = "cpu",
     progress: bool = True, desc: str = "edm", batched: bool | None = None,
+    channels_last: bool = False,
 ) -> TrainLog:
     """Train `members` in place on eq. 3. images (M, C, H, W) uint8, labels (M,) int64,
     ood_images (M', C, H, W) uint8 (unused when lambda_d == 0). ood_batch_size defaults to
     config.batch_size; the OOD set is cycled, reshuffled each pass. batched: run the members
     as one vmapped `StackedMembers` (True) or as a `MemberList` (False); None: vmapped on
-    CUDA, separate on a CPU (see the module docstring)."""
+    CUDA, separate on a CPU (see the module docstring). channels_last: as in `train`."""
     check_members(members)
     _check_data(members, images, labels, ood_images, lambda_d)
     dev = resolve_device(device)
@@ -203,7 +204,8 @@ def train_ensemble(
         batched = dev.type == "cuda"
     stack: StackedMembers | MemberList = (StackedMembers if batched else MemberList)(members)
     log = train(stack, images, labels.long(), config=config, device=dev, progress=progress,
-                desc=desc, loss=edm_objective(lambda_d, len(members)), extras=extras)
+                desc=desc, loss=edm_objective(lambda_d, len(members)), extras=extras,
+                channels_last=channels_last)
     stack.write_back(members)
     for m in members:
         m.eval()
