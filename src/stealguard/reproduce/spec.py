@@ -123,7 +123,7 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    paper: Literal["edm", "mad"]
+    paper: Literal["edm", "mad", "prada"]
     ref: str
     title: str
     task: str = "steal"

@@ -2,6 +2,7 @@
 
 from stealguard.reproduce.tasks import angular_deviation as _angular_deviation  # noqa: F401
 from stealguard.reproduce.tasks import coherence as _coherence  # noqa: F401
+from stealguard.reproduce.tasks import detect as _detect  # noqa: F401
 from stealguard.reproduce.tasks import hash_histogram as _hash_histogram  # noqa: F401
 from stealguard.reproduce.tasks import runtime as _runtime  # noqa: F401
 from stealguard.reproduce.tasks import steal as _steal  # noqa: F401  (registers "steal")
