@@ -268,3 +268,48 @@ def test_service_lock_403_and_throttle_429(model, tmp_path):
     r = _post(client2, mal, _u8(jbda_like(20, 0))[:11])
     assert r.status_code == 429 and "throttled to 10 images" in r.json()["detail"]
     assert int(r.headers["Retry-After"]) >= 1
+
+
+# serve --detector and audit ---------------------------------------------------------------
+
+def test_serve_with_detectors_and_audit_shows_the_flag(model, tmp_path, monkeypatch):
+    import json
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from stealguard.artifacts import save_classifier
+    from stealguard.errors import StealguardError
+    from stealguard.service.cli import standalone_app
+
+    app, runner = standalone_app(), CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    artifact = save_classifier(tmp_path / "victim", model, dataset="quadrants",
+                               classes=["tl", "tr", "bl", "br"])
+    store = tmp_path / "keys.db"
+    secret = json.loads(run("keys", "create", "--name", "eve", "--store", store,
+                            "--json").output)["secret"]
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    r = run("serve", artifact, "--store", store, "--detector", "prada", "--detector-param",
+            "delta=0.95", "--detect-policy", "lock")
+    assert r.exit_code == 0, r.output
+    with TestClient(started["app"]) as client:
+        codes = [_post(client, secret, xb).status_code for xb in _u8(jbda_like(20, 5)).split(64)]
+    assert codes[0] == 200 and codes[-1] == 403
+    audit = json.loads(run("audit", "eve", "--store", store, "--json").output)
+    (alarm,) = audit["detector_alarms"]
+    assert alarm["detector"] == "prada" and alarm["queries"] <= 64 * codes.count(200)
+    assert "stealing detectors flagged" in run("audit", "eve", "--store", store).output
+    for args, message in [
+        (["--detector", "prado"], "valid detector names: prada, shift"),
+        (["--detector", "prada", "--detector-param", "delt=1"], "unknown parameter 'delt'"),
+        (["--detector", "prada", "--detect-policy", "ban"], "valid detection policy names"),
+        (["--detector", "shift"], "needs held-out images"),
+    ]:
+        r = run("serve", artifact, "--store", store, *args)
+        assert isinstance(r.exception, StealguardError), (args, r.output)
+        assert message in str(r.exception), (args, str(r.exception))

@@ -44,7 +44,8 @@ def validate_detector_params(name: str, params_cls: type[DetectorParams],
     try:
         return params_cls.model_validate(dict(values))
     except ValidationError as e:
-        problems = [_describe_error(params_cls, err) for err in e.errors()]
+        problems = [_describe_error(params_cls, err)  # type: ignore[arg-type]
+                    for err in e.errors()]
         raise ConfigError(f"detector {name!r}: " + "; ".join(problems)) from None
 
 
@@ -59,10 +60,13 @@ class DetectorState:
     statistic: float | None = None  # the last test's statistic
 
     def header(self) -> dict[str, np.ndarray]:
-        return {"_seen": np.int64(self.seen), "_tests": np.int64(self.tests),
-                "_tests_alarmed": np.int64(self.tests_alarmed),
-                "_alarm_at": np.int64(-1 if self.alarm_at is None else self.alarm_at),
-                "_statistic": np.float64(np.nan if self.statistic is None else self.statistic)}
+        return {"_seen": np.asarray(self.seen, np.int64),
+                "_tests": np.asarray(self.tests, np.int64),
+                "_tests_alarmed": np.asarray(self.tests_alarmed, np.int64),
+                "_alarm_at": np.asarray(-1 if self.alarm_at is None else self.alarm_at,
+                                        np.int64),
+                "_statistic": np.asarray(np.nan if self.statistic is None else self.statistic,
+                                         np.float64)}
 
     def load_header(self, a: Mapping[str, np.ndarray]) -> None:
         self.seen, self.tests = int(a["_seen"]), int(a["_tests"])
@@ -110,7 +114,7 @@ class Detector(ABC):
 
     def dumps(self, state: DetectorState) -> bytes:
         buf = io.BytesIO()
-        np.savez_compressed(buf, **state.header(), **self.state_arrays(state))
+        np.savez_compressed(buf, **state.header(), **self.state_arrays(state))  # type: ignore[arg-type]
         return buf.getvalue()
 
     def loads(self, blob: bytes) -> DetectorState:

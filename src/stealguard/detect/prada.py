@@ -89,28 +89,51 @@ class Prada(Detector):
         return PradaState()
 
     def update(self, state: DetectorState, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """The queries one at a time, as Algorithm 1; the distances of a batch are computed
+        at once (to the sets before the batch, and among the batch's queries of one class),
+        in float64 on 8-bit pixels, so every squared distance is exact."""
         assert isinstance(state, PradaState)
         pixels = quantize(x)  # (B, D) uint8: what an image API receives
-        classes = logits.argmax(1).tolist()
-        for row, c in zip(pixels, classes):
-            self._add(state, row, int(c))
+        classes = logits.argmax(1).numpy()
+        rows = pixels.astype(np.float64)
+        to_old = np.full(len(rows), np.inf)   # (B,) min distance to G_c before this batch
+        within: dict[int, np.ndarray] = {}    # c -> (b_c, b_c) distances among the batch
+        where: dict[int, np.ndarray] = {}     # c -> the batch positions of class c
+        for c in np.unique(classes).tolist():
+            idx = np.flatnonzero(classes == c)
+            where[c], within[c] = idx, l2(rows[idx], rows[idx])
+            g = state.sets.get(c)
+            if g is not None:
+                to_old[idx] = l2(rows[idx], g.astype(np.float64)).min(1)
+        added: dict[int, list[int]] = {c: [] for c in where}  # positions within where[c]
+        pos = {i: j for c in where for j, i in enumerate(where[c])}
+        for i, c in enumerate(classes.tolist()):
+            j = pos[i]
+            new = added[c]
+            d_min = min(to_old[i], within[c][j, new].min() if new else np.inf)
+            self._add(state, c, j, float(d_min), new)
             state.seen += 1
             if state.seen % self.p.test_every == 0:
                 self._test(state)
+        for c, new in added.items():
+            if new:
+                fresh = pixels[where[c][new]]
+                g = state.sets.get(c)
+                state.sets[c] = fresh if g is None else np.concatenate([g, fresh])
 
-    def _add(self, s: PradaState, row: np.ndarray, c: int) -> None:
-        g = s.sets.get(c)
-        if g is None:
-            s.sets[c], s.set_dists[c], s.thresholds[c] = row[None].copy(), [0.0], 0.0
+    def _add(self, s: PradaState, c: int, j: int, d_min: float, new: list[int]) -> None:
+        """One query of class c at distance d_min from G_c; `new`: its additions so far."""
+        if np.isinf(d_min):  # G_c is empty
+            new.append(j)
+            s.set_dists[c], s.thresholds[c] = [0.0], 0.0
             return
-        d_min = float(np.sqrt(((g.astype(np.float32) - row.astype(np.float32)) ** 2)
-                              .sum(1)).min())
         dc = s.dists.setdefault(c, [])
         dc.append(d_min)
         if len(dc) > self.p.max_distances:
             del dc[: len(dc) - self.p.max_distances]
-        if d_min > s.thresholds[c] and len(g) < self.p.max_set:
-            s.sets[c] = np.concatenate([g, row[None]])
+        size = len(s.sets[c]) if c in s.sets else 0
+        if d_min > s.thresholds[c] and size + len(new) < self.p.max_set:
+            new.append(j)
             s.set_dists[c].append(d_min)
             s.thresholds[c] = max(s.thresholds[c], threshold_update(s.set_dists[c]))
 
@@ -135,7 +158,7 @@ class Prada(Detector):
         for c, g in state.sets.items():
             out[f"set_{c}"] = g
             out[f"setd_{c}"] = np.asarray(state.set_dists[c], np.float64)
-            out[f"thr_{c}"] = np.float64(state.thresholds[c])
+            out[f"thr_{c}"] = np.asarray(state.thresholds[c], np.float64)
         for c, d in state.dists.items():
             out[f"dist_{c}"] = np.asarray(d, np.float64)
         return out
@@ -158,6 +181,12 @@ class Prada(Detector):
 def quantize(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) floats in [0, 1] -> (B, C*H*W) uint8 pixels."""
     return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).flatten(1).numpy()
+
+
+def l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, D), (m, D) float64 -> (n, m) Euclidean distances (exact for integer pixels)."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def threshold_update(set_dists: list[float]) -> float:

@@ -63,7 +63,7 @@ class DetectorStore:
 
     def __init__(self, store: Engine | str | Path) -> None:
         self.own_engine = not isinstance(store, Engine)
-        self.engine = open_engine(store) if self.own_engine else store  # type: ignore[arg-type]
+        self.engine: Engine = store if isinstance(store, Engine) else open_engine(store)
         try:
             metadata.create_all(self.engine)
         except SQLAlchemyError:  # created meanwhile by another process: try once more

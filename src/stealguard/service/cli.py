@@ -100,6 +100,19 @@ def serve_command(
     num_cpus_per_replica: float = typer.Option(1.0, help="--engine ray: Ray CPUs per replica."),
     num_gpus_per_member: float = typer.Option(
         0.0, help="--engine ray: Ray GPUs per member replica (members run on CUDA when > 0)."),
+    detector: Annotated[list[str] | None, typer.Option(
+        "--detector", help="A stealing detector per key (repeatable): prada, shift "
+                           "(stealguard.detect).")] = None,
+    detector_param: Annotated[list[str] | None, typer.Option(
+        "--detector-param", help="[detector.]name=value (repeatable), e.g. prada.delta=0.9, "
+                                 "shift.reference=mnist@test.")] = None,
+    detect_policy: str = typer.Option(
+        "flag", "--detect-policy", help="What a flag does: flag (audit log only), throttle "
+                                        "(429 over a rate), lock (403)."),
+    detect_policy_param: Annotated[list[str] | None, typer.Option(
+        "--detect-policy-param", help="Policy parameter name=value, e.g. rate=60.")] = None,
+    data_root: str | None = typer.Option(None, "--data-root", help="Datasets folder (the "
+                                         "shift detector's held-out images)."),
 ) -> None:
     """Serve a defended model over HTTP (FastAPI under uvicorn, or on Ray Serve)."""
     import torch
@@ -121,6 +134,9 @@ def serve_command(
         keep_alive_s=keep_alive, graceful_s=graceful_timeout,
         limit_concurrency=limit_concurrency)
     if engine == "ray":
+        if detector:
+            raise ConfigError("--detector needs --engine local (the Ray front does not run "
+                              "detectors yet)")
         if device not in ("auto", "cpu"):
             raise ConfigError("--device is for --engine local; with --engine ray give the "
                               "members GPUs with --num-gpus-per-member")
@@ -141,8 +157,15 @@ def serve_command(
     served = load_served_model(artifact)
     dfn = spec.build(served.model)
     key_store = KeyStore(store)
+    monitor = None
+    if detector:
+        from stealguard.detect.serving import serving_monitor
+
+        monitor = serving_monitor(artifact, served, detector, detector_param or [],
+                                  policy=detect_policy, policy_params=detect_policy_param or [],
+                                  store=key_store.engine, device=device, data_root=data_root)
     app = create_app(served, defense=dfn, store=key_store, limits=limits, device=device,
-                     metrics=metrics)
+                     metrics=metrics, monitor=monitor)
     print(f"serving {artifact} ({served.format}, input {served.input_shape}, "
           f"{served.num_classes} classes) at http://{host}:{port}; keys in "
           f"{key_store.location}{'; metrics at /metrics' if metrics else ''}",
@@ -255,11 +278,20 @@ def audit_command(
     s = _store(store)
     summary = s.audit_summary(key)
     rows = s.audit_rows(key, limit=last) if last else []
+    from stealguard.detect.store import alarms_in
+
+    alarms = alarms_in(s.engine, summary["key"])
     if as_json:
-        print_json({**summary, "rows": rows})
+        print_json({**summary, "detector_alarms": alarms, "rows": rows})
         return
     _table(f"audit of key {summary['key']}", [{"field": k, "value": v}
                                               for k, v in summary.items()], ["field", "value"])
+    if alarms:
+        from stealguard.service.store import _iso
+
+        _table(f"stealing detectors flagged key {summary['key']}", [
+            {**a, "time": _iso(a["time"]), "statistic": f"{a['statistic']:.4g}"}
+            for a in alarms], ["time", "detector", "queries", "statistic", "detail"])
     if rows:
         from stealguard.service.store import _iso
 

@@ -180,8 +180,8 @@ def _attack(cell: Any, ctx: RunContext, model: Any, monitor: Monitor,
     extra = ({"jacobian": cell.jacobian} if cell.jacobian is not None else {})
     if role == "seed_set":
         extra["seed_size"] = cell.seed_size
-    atk = build_attack(cell.attack, **{role: data}, options=options, config=cell.clone,
-                       device=ctx.device, **extra)
+    atk = build_attack(cell.attack, **{role: data}, options=options,  # type: ignore[arg-type]
+                       config=cell.clone, device=ctx.device, **extra)
     inner = LocalBlackBox(model, monitor=monitor, client="attacker", device=ctx.device)
     benign = pool.float_images() if cell.client == "evasive" else None
     stream = _Stream(inner, budget=cell.budget, benign=benign, ratio=cell.benign_ratio)
