@@ -7,6 +7,10 @@
     lock      a flagged key is refused with 403 (nothing counted); the flag is in the store,
               so the lock holds across restarts
 
+A policy acts from the key's first request after the alarming batch has been observed (the
+service observes a batch after sending its response, so a request already in flight is
+answered).
+
     policy = build_policy("throttle", {"rate": "60"})
     policy.admit(key_id, n, flagged=True)   # raises DetectionRefusal, or returns
 """
