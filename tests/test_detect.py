@@ -313,3 +313,58 @@ def test_serve_with_detectors_and_audit_shows_the_flag(model, tmp_path, monkeypa
         r = run("serve", artifact, "--store", store, *args)
         assert isinstance(r.exception, StealguardError), (args, r.output)
         assert message in str(r.exception), (args, str(r.exception))
+
+
+# the detect task (detect-table's cells) ---------------------------------------------------
+
+@pytest.mark.slow
+def test_detect_task_streams_on_tiny_folders(tmp_path):
+    """The knockoff attacker with noise images is flagged by the shift test; the benign
+    test-split clients (2 keys) are not; the evasive JBDA attacker's stream carries its
+    benign share; unknown detectors fail when the cell is validated."""
+    from PIL import Image
+
+    from stealguard.pipeline import Victim
+    from stealguard.reproduce.tasks import TASKS, RunContext
+    from stealguard.reproduce.victims import TrainedVictim, VictimConfig
+    from stealguard.training import TrainConfig, train
+
+    def folder(name, images, labels, split):
+        for i, (img, y) in enumerate(zip(images, labels)):
+            d = tmp_path / name / split / "tl tr bl br".split()[int(y)]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0].numpy(), mode="L").save(d / f"{i}.png")
+
+    for split, n, seed in (("train", 256, 0), ("test", 800, 1)):
+        folder("quads", *quadrant_images(n, seed=seed), split)
+    folder("noise", torch.randint(0, 256, (400, 1, 8, 8), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(2)),
+           torch.arange(400) % 4, "train")
+    quads, noise = f"imagefolder:{tmp_path / 'quads'}", f"imagefolder:{tmp_path / 'noise'}"
+    torch.manual_seed(0)
+    net = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
+    x, y = quadrant_images(256, seed=0)
+    train(net, x, y, config=TrainConfig(epochs=3, batch_size=32, lr=0.05), progress=False)
+    cfg = VictimConfig(dataset=quads, arch="conv3")
+    ctx = RunContext(device=torch.device("cpu"), artifacts=tmp_path / "artifacts")
+    ctx.victims.put(cfg, TrainedVictim(Victim(model=net.eval(), dataset=quads,
+                                              classes="tl tr bl br".split(),
+                                              test_accuracy=0.9)))
+    task = TASKS.get("detect")
+    shift = {"name": "shift", "params": {**SHIFT, "reference_size": 400}}
+    base = {"victim": cfg.model_dump(), "reference_size": 400,
+            "detectors": [{"name": "prada"}, shift]}
+
+    r = task.run(task.Cell(**base, client="attack", attack="knockoff", queries=noise,
+                           budget=300, clone={"epochs": 1}), ctx).metrics
+    assert r["shift_detected"] == 1 and r["shift_queries"] <= 100 and r["queries"] <= 300
+    r = task.run(task.Cell(**base, client="benign_test", keys=2, budget=400), ctx).metrics
+    assert r["queries"] == 400 and r["shift_detected"] == 0 and r["shift_test_alarms"] == 0
+    r = task.run(task.Cell(**base, client="evasive", attack="jbda", benign_ratio=0.5,
+                           budget=64, seed_size=16, jacobian={"rounds": 3}), ctx).metrics
+    assert r["queries"] >= 2 * r["attack_queries"] - 16 and r["attack_queries"] <= 64
+    with pytest.raises(Exception, match="valid detector names"):
+        task.Cell(**{**base, "detectors": [{"name": "prado"}]}, client="benign_test",
+                  budget=10)
+    with pytest.raises(Exception, match="benign_ratio > 0 is for client evasive"):
+        task.Cell(**base, client="attack", attack="jbda", budget=10, benign_ratio=0.5)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stealguard.attacks import ATTACKS, build_attack
+from stealguard.attacks import ATTACKS, attack_params_class, build_attack, validate_attack
 from stealguard.blackbox import BlackBox, LocalBlackBox
 from stealguard.data import ImageDataset, load_dataset
 from stealguard.data.augment import to_shape
@@ -70,7 +70,8 @@ class DetectCell(CellBase):
     benign_ratio: float = Field(0.0, ge=0, lt=1)
     keys: int = Field(1, ge=1)
     reference_size: int = Field(5000, ge=100)
-    seed_size: int | None = Field(None, ge=1)
+    seed_size: int | None = Field(None, ge=1, description="the Jacobian family's seed "
+                                  "images (ignored by other attacks)")
     jacobian: dict[str, Any] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     clone: TrainConfig | None = None
@@ -82,6 +83,7 @@ class DetectCell(CellBase):
             raise ValueError("attack is required for client attack / evasive, and only there")
         if self.attack is not None:
             ATTACKS.get(self.attack)
+            validate_attack(self.attack, attack_params(self)[0])  # names a bad field
         if (self.client == "evasive") != (self.benign_ratio > 0):
             raise ValueError("benign_ratio > 0 is for client evasive, and required there")
         return self
@@ -169,19 +171,32 @@ class Detect(Task):
                                                   sum(len(s) for s in streams)))
 
 
+def attack_params(cell: Any) -> tuple[dict[str, Any], bool]:
+    """The cell's attack Params fields, and whether the attack is of the Jacobian family
+    (its data is the seed pool, not a surrogate set)."""
+    fields = attack_params_class(cell.attack).model_fields
+    jacobian_family = "rounds" in fields
+    params: dict[str, Any] = {"seed": cell.seed, "arch": cell.victim.arch, **cell.options}
+    if cell.clone is not None:
+        params["clone"] = cell.clone.model_copy(update={"seed": cell.seed})
+    jac = dict(cell.jacobian or {})
+    if cell.seed_size is not None and jacobian_family:
+        jac["seed_size"] = cell.seed_size
+    if jac and not jacobian_family:
+        raise ValueError(f"jacobian is for the Jacobian family, not attack {cell.attack!r}")
+    return {**params, **jac}, jacobian_family
+
+
 def _attack(cell: Any, ctx: RunContext, model: Any, monitor: Monitor,
             pool: ImageDataset) -> dict[str, float]:
-    role = getattr(ATTACKS.get(cell.attack), "data_role", "surrogate")
-    if role == "seed_set":
-        data = pool
-    else:
+    params, jacobian_family = attack_params(cell)
+    if jacobian_family:
+        data: ImageDataset | None = pool
+    elif cell.queries is not None:
         data = load_dataset(cell.queries, cell.queries_split, data_root=ctx.data_root)
-    options = {"arch": model.arch, "seed": cell.seed, **cell.options}
-    extra = ({"jacobian": cell.jacobian} if cell.jacobian is not None else {})
-    if role == "seed_set":
-        extra["seed_size"] = cell.seed_size
-    atk = build_attack(cell.attack, **{role: data}, options=options,  # type: ignore[arg-type]
-                       config=cell.clone, device=ctx.device, **extra)
+    else:
+        data = None  # a data-free attack
+    atk = build_attack(cell.attack, data, params, device=ctx.device)
     inner = LocalBlackBox(model, monitor=monitor, client="attacker", device=ctx.device)
     benign = pool.float_images() if cell.client == "evasive" else None
     stream = _Stream(inner, budget=cell.budget, benign=benign, ratio=cell.benign_ratio)
