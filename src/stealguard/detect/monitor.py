@@ -44,12 +44,15 @@ log = logging.getLogger("stealguard.detect")
 
 
 def model_logits(model: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
-    """(x -> (B, K) logits, whether they are real logits). A model answering probabilities
-    only (an EDM ensemble's `predict_proba`) gives log-probabilities."""
+    """(x -> (B, K) logits, whether they are real logits). A stealguard Classifier's forward
+    gives logits; any other predictor (an EDM ensemble routing each image to one member)
+    gives log-probabilities of its `predict_proba`."""
+    from stealguard.models import Classifier
+
     own = getattr(model, "predict_proba", None)
-    if callable(own):
-        return (lambda x: own(x).float().clamp_min(1e-12).log()), False
-    return (lambda x: model(x).float()), True
+    if isinstance(model, Classifier) or not callable(own):
+        return (lambda x: model(x).float()), True
+    return (lambda x: own(x).float().clamp_min(1e-12).log()), False
 
 
 class Monitor:
