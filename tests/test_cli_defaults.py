@@ -20,6 +20,7 @@ from stealguard.cli import app, main
 from tinydata import make_tiny_root
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("STEALGUARD_DATA", REPO.parent / "shared" / "datasets"))
 runner = CliRunner()
 
 
@@ -106,6 +107,8 @@ def test_readme_commands_run_as_written(root: Path, tmp_path: Path, capsys, monk
             args = shlex.split(command)[1:]
             if args[0] == "import":  # needs the user's own model files (tests/test_byom.py)
                 continue
+            if args[:2] == ["data", "download"]:  # offline: the official files already in place
+                monkeypatch.setenv("STEALGUARD_DATA", str(official_copy(tmp_path, args[2])))
             if args[0] == "serve":
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
                 server = subprocess.Popen([sys.executable, "-c", "from stealguard.cli import "
@@ -120,6 +123,7 @@ def test_readme_commands_run_as_written(root: Path, tmp_path: Path, capsys, monk
                 code = int(e.code or 0)
             out, err = capsys.readouterr()
             assert code == 0, f"{command}\n{out}\n{err}"
+            monkeypatch.setenv("STEALGUARD_DATA", str(root))
             if args[:2] == ["keys", "create"]:
                 secret = re.search(r"sg_[A-Za-z0-9_\-]+", out + err).group(0)
     finally:
@@ -127,6 +131,20 @@ def test_readme_commands_run_as_written(root: Path, tmp_path: Path, capsys, monk
             server.terminate()
             server.wait(20)
     assert (tmp_path / "artifacts" / "mnist-clone" / "manifest.json").is_file()
+
+
+def official_copy(tmp_path: Path, name: str) -> Path:
+    """A data root holding a copy of the official files of `name` (from the shared datasets),
+    so that `data download` verifies them and needs no network."""
+    import shutil
+
+    shared = SHARED_DATA
+    folder = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[name]
+    if not (shared / folder / "raw").is_dir():
+        pytest.skip(f"no official {name} files under {shared} to verify offline")
+    dest = tmp_path / "official" / folder / "raw"
+    shutil.copytree(shared / folder / "raw", dest, dirs_exist_ok=True)
+    return tmp_path / "official"
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -4,6 +4,7 @@ before any work; strict JSON; tables in the README's format; a fast `--help`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,34 @@ def test_version(capsys, root):
 
     code, out, _ = cli(capsys, root, "--version")
     assert code == 0 and out.strip() == __version__
+
+
+def test_query_progress_follows_the_black_box_counter():
+    import time
+    from types import SimpleNamespace
+
+    from stealguard.progress import query_progress
+
+    bb = SimpleNamespace(queries_used=5)
+    with query_progress(bb, total=10, enabled=True, every_s=0.01) as bar:
+        bb.queries_used = 12  # 7 since the start
+        deadline = time.monotonic() + 5
+        while bar.n != 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bar.n == 7
+    with query_progress(bb, total=10, enabled=False) as bar:
+        assert bar is None
+
+
+def test_no_progress_bars_under_json_or_when_piped(monkeypatch):
+    from stealguard import console
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(console.sys, "stdout", Tty())
+    monkeypatch.setattr(console.sys, "stderr", Tty())
+    assert console.show_progress(False) and not console.show_progress(True)
+    monkeypatch.setattr(console.sys, "stdout", open(os.devnull, "w"))
+    assert not console.show_progress(False)

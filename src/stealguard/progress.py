@@ -18,11 +18,12 @@ from typing import Any
 
 @contextmanager
 def query_progress(blackbox: Any, *, total: int, enabled: bool, desc: str = "queries",
-                   every_s: float = 0.5) -> Iterator[None]:
+                   every_s: float = 0.5) -> Iterator[Any]:
     """A bar of `blackbox.queries_used` (counted from entry) out of `total`, refreshed every
-    `every_s` seconds while the block runs; nothing at all when not `enabled`."""
+    `every_s` seconds while the block runs (yields the tqdm bar); nothing at all (yields None)
+    when not `enabled`."""
     if not enabled:
-        yield
+        yield None
         return
     from tqdm.auto import tqdm
 
@@ -38,7 +39,7 @@ def query_progress(blackbox: Any, *, total: int, enabled: bool, desc: str = "que
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
-        yield
+        yield bar
     finally:
         stop.set()
         thread.join()
