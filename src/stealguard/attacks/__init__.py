@@ -5,6 +5,8 @@
     jbda                 Papernot et al. 2017 (jacobian.py)
     jbda_tr              JBDA toward a random target class (Juuti et al. 2019)
     jb_self, jb_top3     Juuti et al. 2019 as the MAD paper describes them
+    dfme                 Truong et al. 2021, data-free (dfme.py; the shared loop in datafree.py)
+    maze                 Kariyappa et al. 2021, data-free (maze.py)
 
 Every attack declares typed `Params` (an `AttackParams` model: the attacker's options such as
 labels, arch, nquery, the clone's training, and the attack's own fields such as the Jacobian
@@ -34,6 +36,8 @@ from stealguard.attacks.build import (
 )
 from stealguard.attacks.config import AttackConfig
 from stealguard.attacks.curves import accuracy_vs_budget
+from stealguard.attacks.datafree import DataFreeAttack, DataFreeParams, zeroth_order_gradient
+from stealguard.attacks.dfme import DFME, DFMEParams
 from stealguard.attacks.jacobian import (
     JACOBIAN_PRESETS,
     JBDA,
@@ -47,6 +51,7 @@ from stealguard.attacks.jb_self import JBSelf
 from stealguard.attacks.jb_top3 import JBTop3
 from stealguard.attacks.jbda_tr import JBDATR
 from stealguard.attacks.knockoff import KnockoffNets
+from stealguard.attacks.maze import MAZE, MAZEParams
 from stealguard.attacks.options import (
     AttackerOptions,
     CloneOptions,
@@ -56,7 +61,8 @@ from stealguard.attacks.options import (
 from stealguard.attacks.transforms import AffineColorJitter, random_affine_color
 
 __all__ = [
-    "ATTACKS", "JACOBIAN_PRESETS", "JBDA", "JBDATR", "AdaptiveAveraging", "AffineColorJitter",
+    "ATTACKS", "DFME", "MAZE", "DFMEParams", "DataFreeAttack", "DataFreeParams", "MAZEParams",
+    "zeroth_order_gradient", "JACOBIAN_PRESETS", "JBDA", "JBDATR", "AdaptiveAveraging", "AffineColorJitter",
     "Attack", "AttackConfig", "AttackParams", "AttackResult", "AttackerOptions",
     "CloneOptions", "JBSelf", "JBTop3", "JacobianAttack", "JacobianConfig", "JacobianParams",
     "KnockoffNets", "accuracy_vs_budget", "answers_to_targets", "attack_params_class",

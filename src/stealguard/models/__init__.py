@@ -9,5 +9,15 @@ from stealguard.models.base import (
     describe_models,
     register_model,
 )
+from stealguard.models.generators import (
+    GENERATORS,
+    Generator,
+    GeneratorConfig,
+    build_generator,
+    to_pixels,
+)
 
-__all__ = ["MODELS", "Classifier", "Normalize", "build_model", "describe_models", "register_model"]
+__all__ = [
+    "GENERATORS", "MODELS", "Classifier", "Generator", "GeneratorConfig", "Normalize",
+    "build_generator", "build_model", "describe_models", "register_model", "to_pixels",
+]
