@@ -48,13 +48,20 @@ def test_set():
 
 def make(name: str, *, config: TrainConfig, seed_size: int = 20, rounds: int | None = 4,
          **options) -> Attack:
-    """The attack `name` on the right kind of attacker data (seed set or surrogate)."""
+    """The attack `name` on the right kind of attacker data (seed set or surrogate; none
+    for a data-free attack, whose clone trains online: tiny generator, no clone config)."""
     fields = attack_params_class(name).model_fields
+    if data_free(name):
+        return build_attack(name, None, {"batch": 8, "generator": {"ngf": 4, "nz": 8}})
     if "seed_size" in fields:  # the Jacobian family draws its seed set from in-distribution data
         return build_attack(name, quadrant_dataset(200, seed=6, split="train"),
                             {"seed_size": seed_size, "rounds": "budget" if rounds is None else rounds,
                              "clone": config, **options})
     return build_attack(name, quadrant_dataset(400, seed=5), {"clone": config, **options})
+
+
+def data_free(name: str) -> bool:
+    return getattr(ATTACKS.get(name), "data_free", False)
 
 
 def test_registry_holds_every_attack_of_the_papers():
@@ -71,20 +78,27 @@ def test_budget_never_exceeded_and_count_exact(victim, name, budget):
     bb.query(quadrant_images(5, seed=9)[0])  # the box has served others: counts are deltas
     result = make(name, config=FAST, rounds=None)(bb, budget)
     assert result.queries == bb.queries_used - 5 <= budget
-    assert result.transfer_x.shape[0] * result.queries_per_row == result.queries
+    if data_free(name):  # a sample of the queries it trained on (the rest are finite differences)
+        assert result.transfer_x.shape[0] <= result.queries
+    else:
+        assert result.transfer_x.shape[0] * result.queries_per_row == result.queries
     assert result.transfer_y.shape == (result.transfer_x.shape[0], 4)
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_budget_capped_by_what_the_black_box_has_left(victim, name):
     bb = LocalBlackBox(victim, budget=60)  # the attack is given more than the box allows
-    options = {} if name == "adaptive_averaging" else {"nquery": 2, "nquery_mode": "each"}
+    options = ({} if name == "adaptive_averaging" or data_free(name)
+               else {"nquery": 2, "nquery_mode": "each"})
     result = make(name, config=FAST, rounds=None, **options)(bb, 500)
     assert result.queries == bb.queries_used == 60  # every attack here can spend it all
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_tiny_steal_beats_a_random_clone(victim, test_set, name):
+    if data_free(name):
+        pytest.skip("300 queries are too few for a data-free attack; its tiny steal (6,000 "
+                    "queries) is in test_attacks_datafree.py")
     xt, yt = test_set
     torch.manual_seed(0)
     random_clone = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
@@ -186,7 +200,8 @@ def test_every_attack_declares_frozen_strict_params_with_described_fields(name):
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_attack_builds_from_default_params_and_keeps_its_budget(victim, name):
     data = quadrant_dataset(30, seed=6, split="train")
-    attack = build_attack(name, data, {"clone": FAST})  # defaults besides the clone's training
+    attack = (build_attack(name) if data_free(name) else  # all defaults: no data, online clone
+              build_attack(name, data, {"clone": FAST}))  # defaults besides the clone's training
     assert isinstance(attack.params, attack_params_class(name))
     bb = LocalBlackBox(victim)
     result = attack(bb, 45)

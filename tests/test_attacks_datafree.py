@@ -18,7 +18,7 @@ from stealguard.models import GENERATORS, GeneratorConfig, build_generator, buil
 from stealguard.training import TrainConfig, accuracy, train
 from synthetic import quadrant_images
 
-TINY = {"batch_size": 8, "generator": {"ngf": 4, "nz": 8}, "log_every": 10**9}
+TINY = {"batch": 8, "generator": {"ngf": 4, "nz": 8}, "log_every": 10**9}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,7 +142,7 @@ def test_zeroth_order_estimate_points_along_the_true_gradient(loss):
 ])
 def test_tiny_data_free_steal_improves_the_clone(victim, name, params):
     xt, yt = quadrant_images(256, seed=2)
-    attack = build_attack(name, None, {"batch_size": 32, "generator": {"ngf": 8, "nz": 16},
+    attack = build_attack(name, None, {"batch": 32, "generator": {"ngf": 8, "nz": 16},
                                        **params})
     torch.manual_seed(0)  # the clone's initialisation in run() uses the attack's seed
     initial = accuracy(build_model("conv3", in_channels=1, image_size=8, num_classes=4), xt, yt)
@@ -228,3 +228,21 @@ def test_reservoir_keeps_a_uniform_sample():
     x, y = r.rows()
     assert r.size == 100 and r.seen == 1000 and x.shape == (100, 1, 2, 2)
     assert 15 < y[:, 0].mean() < 34  # a uniform sample of 0..49 has mean ~24.5
+
+
+def test_the_measurement_script_runs_the_specs_quick_settings():
+    """benchmarks/datafree_mnist.py (the numbers in BENCHMARKS.md) = datafree-table, quick."""
+    import importlib.util
+    from pathlib import Path
+
+    from stealguard.reproduce.spec import load_spec
+
+    path = Path(__file__).parents[1] / "benchmarks" / "datafree_mnist.py"
+    spec = importlib.util.spec_from_file_location("datafree_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cells = load_spec("datafree-table").cells("quick")
+    assert len(cells) == 2 * 2 * 7  # MNIST, FashionMNIST x DFME, MAZE x 7 targets
+    for cell in cells:
+        assert cell.queries is None and cell.options == module.QUICK[cell.attack]
+        assert cell.attack_config().data is None

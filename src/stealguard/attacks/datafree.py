@@ -60,7 +60,7 @@ class DataFreeParams(CloneOptions):
 
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig,
                                        description="the registered generator and its sizes")
-    batch_size: int = Field(256, ge=1, description="B: images per generator / clone step, >= 1")
+    batch: int = Field(256, ge=1, description="B: images per generator / clone step, >= 1")
     directions: int = Field(1, ge=1, description="m: random directions per image, >= 1")
     epsilon: float = Field(1e-3, gt=0, description="finite-difference step on the pre-tanh "
                            "image, > 0")
@@ -172,6 +172,7 @@ class DataFreeAttack(Attack):
 
     Params: ClassVar[type[DataFreeParams]] = DataFreeParams
     params: DataFreeParams
+    data_free: ClassVar[bool] = True  # build_attack hands it no data
 
     def __init__(
         self, data: object = None, params: BaseModel | Mapping[str, Any] | None = None, *,
@@ -200,7 +201,7 @@ class DataFreeAttack(Attack):
     def round_queries(self) -> int:
         """Queries of one whole round."""
         p = self.params
-        return p.batch_size * (p.generator_steps * (p.directions + 1) + p.clone_steps)
+        return p.batch * (p.generator_steps * (p.directions + 1) + p.clone_steps)
 
     def after_round(self, clone: Classifier, opt: torch.optim.Optimizer) -> int:
         """The attack's extra step after each round (MAZE: replay); returns queries spent (0)."""
@@ -228,7 +229,7 @@ class DataFreeAttack(Attack):
         next_log = p.log_every
         for r in range(rounds):
             loss_g = self._generator_steps(gen, clone, opt_g, blackbox)
-            loss_c = self._clone_steps(gen, clone, opt_c, blackbox, p.clone_steps, p.batch_size)
+            loss_c = self._clone_steps(gen, clone, opt_c, blackbox, p.clone_steps, p.batch)
             self.spent += self.after_round(clone, opt_c)
             for s in scheds:
                 s.step()
@@ -237,7 +238,7 @@ class DataFreeAttack(Attack):
                 log.append(self._log_entry(r + 1, loss_g, loss_c, clone, start))
         left = allowed - self.spent  # less than a round: clone steps only, exactly to the budget
         while left > 0:
-            b = min(p.batch_size, left)
+            b = min(p.batch, left)
             self._clone_steps(gen, clone, opt_c, blackbox, 1, b)
             left -= b
         if not log or log[-1]["queries"] != self.spent:
@@ -259,7 +260,7 @@ class DataFreeAttack(Attack):
         value = torch.zeros(())
         for _ in range(p.generator_steps):
             gen.train()
-            z = gen.sample(p.batch_size, generator=self.rng, device=self.device)
+            z = gen.sample(p.batch, generator=self.rng, device=self.device)
             x_pre = gen(z)  # (B, C, H, W)
             grad, value, x, y = zeroth_order_gradient(
                 objective, x_pre, blackbox, epsilon=p.epsilon, directions=p.directions,

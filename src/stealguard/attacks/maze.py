@@ -50,7 +50,7 @@ class MAZEParams(DataFreeParams):
 
     generator: GeneratorConfig = Field(default_factory=lambda: GeneratorConfig(arch="maze"),
                                        description="the registered generator and its sizes")
-    batch_size: int = Field(128, ge=1, description="B: images per generator / clone step, >= 1")
+    batch: int = Field(128, ge=1, description="B: images per generator / clone step, >= 1")
     directions: int = Field(10, ge=1, description="m: random directions per image, >= 1")
     generator_optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd or adam")
     schedule: Literal["multistep", "cosine", "constant"] = Field(
@@ -75,7 +75,7 @@ class MAZE(DataFreeAttack):
 
     def round_queries(self) -> int:
         p = self.params
-        return p.batch_size * (p.generator_steps * (p.directions + 1) + p.clone_steps - 1)
+        return p.batch * (p.generator_steps * (p.directions + 1) + p.clone_steps - 1)
 
     def clone_loss(self, logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
         return kl_to_clone(logits, answers).mean()
@@ -106,7 +106,7 @@ class MAZE(DataFreeAttack):
         if self.memory.size == 0:
             return 0
         for _ in range(self.params.replay_steps):
-            x, y = self.memory.sample(self.params.batch_size)
+            x, y = self.memory.sample(self.params.batch)
             x, y = x.to(self.device), y.to(self.device)
             loss = self.clone_loss(clone(x), self.answers_for_loss(y))
             opt.zero_grad(set_to_none=True)

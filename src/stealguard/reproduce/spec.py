@@ -123,7 +123,7 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    paper: Literal["edm", "mad", "prada"]
+    paper: Literal["edm", "mad", "prada", "dfme-maze"]
     ref: str
     title: str
     task: str = "steal"

@@ -52,7 +52,8 @@ class StealCell(CellBase):
     victim: VictimConfig
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     attack: str = "knockoff"
-    queries: DatasetName
+    queries: DatasetName | None = Field(None, description="the attacker's images (None for a "
+                                        "data-free attack)")
     queries_split: str = "train"
     budget: int = Field(ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -93,8 +94,12 @@ class StealCell(CellBase):
         if jac and "rounds" not in fields:
             raise ValueError(f"jacobian and seed_size are for the Jacobian family (jbda, "
                              f"jbda_tr, jb_self, jb_top3), not attack {self.attack!r}")
+        data_free = getattr(ATTACKS.get(self.attack), "data_free", False)
+        if data_free != (self.queries is None):
+            raise ValueError(f"attack {self.attack!r} is data-free: give it no queries" if data_free
+                             else f"attack {self.attack!r} needs queries (the attacker's images)")
         return AttackConfig(name=self.attack, params={**params, **jac},
-                            data=f"{self.queries}@{self.queries_split}")
+                            data=None if data_free else f"{self.queries}@{self.queries_split}")
 
 
 @TASKS.register("steal")
