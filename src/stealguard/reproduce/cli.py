@@ -14,8 +14,10 @@ from stealguard.errors import StealguardError
 
 def reproduce_command(
     spec: str = typer.Argument(..., help="A spec name (see `stealguard specs`) or a YAML path."),
-    scale: str = typer.Option("quick", "--scale", help="quick (2-core CPU, minutes) or full "
-                                                      "(the papers' sizes, for a GPU)."),
+    scale: str = typer.Option("quick", "--scale", help="quick (2-core CPU, minutes), cpu "
+                                                      "(2-core CPU, about 90 min for the "
+                                                      "papers' main cells) or full (the "
+                                                      "papers' sizes, for a GPU)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else "
                                                         "cpu), cpu, cuda or cuda:N."),
     results: Path = typer.Option(Path("results"), "--results",
@@ -32,33 +34,40 @@ def reproduce_command(
                                                           "task."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per worker."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Datasets folder."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cells; run "
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every cell and list each "
+                                                          "one's parameters; run and write "
                                                           "nothing."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field of every cell: "
+                                   "field.path=value (YAML value; repeat), e.g. budget=1000 "
+                                   "or victim.train.epochs=1."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Run a spec's grid (resumable: stored cells are skipped), then write its table and plots."""
-    from stealguard.reproduce.runner import plan, reproduce
-    from stealguard.reproduce.spec import load_spec
-    from stealguard.reproduce.store import RunStore
+    from stealguard.reproduce.runner import dry_run as plan_only
+    from stealguard.reproduce.runner import reproduce
+    from stealguard.reproduce.spec import load_spec, parse_overrides
 
-    s = load_spec(spec)
+    overrides = parse_overrides(set_)
+    s = load_spec(spec)  # every grid entry, every scale: a typo fails here
     if dry_run:
-        rs = RunStore(store or results / "runs.db")
-        try:
-            p = plan(s, scale, rs, data_root=data_root)
-        finally:
-            rs.close()
-        print(f"{s.name} ({scale}): {len(p.cells)} cells, {len(p.stored)} stored, "
-              f"{len(p.missing)} need data, {len(p.todo)} to run")
-        for k, names in p.missing.items():
-            print(f"  needs data {', '.join(names)}: cell {k}")
+        listing = plan_only(s, scale=scale, results=results, store=store, data_root=data_root,
+                            overrides=overrides)
+        if as_json:
+            print(json.dumps(listing))
+            return
+        print(f"{listing['spec']} ({scale}): {listing['cells']} cells, {listing['stored']} "
+              f"stored, {listing['need_data']} need data, {listing['to_run']} to run")
+        if listing["note"]:
+            print(f"  scale {scale}: {listing['note']}")
+        for row in listing["grid"]:
+            print(f"  {row['key'][:12]}  {row['status']:<10}  {json.dumps(row['params'])}")
         return
     check_output_dir(results, "--results", artifact_marker=None)
     options = ({"address": address, "num_cpus": cpus, "num_gpus": gpus}
                if engine == "ray" else {})
     report = reproduce(s, scale=scale, results=results, store=store, device=device,
                        data_root=data_root, engine=engine, engine_options=options,
-                       threads=threads, progress=show_progress(as_json))
+                       threads=threads, progress=show_progress(as_json), overrides=overrides)
     figures = {"spec": report.spec, "scale": report.scale, "cells": report.cells,
                "ran": report.ran, "stored_before": report.skipped_stored,
                "need_data": report.missing_data, "failed": len(report.failed),

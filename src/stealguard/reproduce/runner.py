@@ -57,6 +57,7 @@ class JobResult:
     series: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,20 @@ def execute(job: Job, worker: WorkerConfig, ctx: RunContext | None = None) -> Jo
         task = TASKS.get(job.task)
         cell = task.Cell.model_validate(job.payload)
         res = task.run(cell, ctx)
-        return JobResult(job, True, res.metrics, res.series, time.perf_counter() - t0)
+        return JobResult(job, True, res.metrics, res.series, time.perf_counter() - t0,
+                         timings=_victim_timings(cell, ctx))
     except Exception as e:
         msg = str(e) if isinstance(e, StealguardError) else traceback.format_exc(limit=8)
         return JobResult(job, False, seconds=time.perf_counter() - t0,
                          error=f"{type(e).__name__}: {msg}")
+
+
+def _victim_timings(cell: CellBase, ctx: RunContext) -> dict[str, float]:
+    """How long the cell's victim(s) took to train (recorded when trained, in any run)."""
+    seconds = [ctx.victim(v).info.get("train_seconds") for _, v in cell
+               if isinstance(v, VictimConfig)]
+    known = [float(s) for s in seconds if isinstance(s, int | float)]
+    return {"victim_train_seconds": sum(known)} if known else {}
 
 
 class LocalEngine:
@@ -156,8 +166,12 @@ class Plan:
         return [i for i, k in enumerate(self.keys) if k not in self.missing and k not in self.stored]
 
 
-def plan(spec: Spec, scale: str, store: RunStore, *, data_root: str | Path | None) -> Plan:
-    cells = spec.cells(scale, data_root=data_root)
+def plan(spec: Spec, scale: str, store: RunStore | None, *, data_root: str | Path | None,
+         overrides: dict[str, Any] | None = None) -> Plan:
+    """The cells of `spec` at `scale` (with `--set` overrides), what data each lacks, and
+    which are in `store` already (none when store is None: a dry run opens no store)."""
+    spec = spec.with_data_root(data_root)
+    cells = spec.cells(scale, data_root=data_root, overrides=overrides)
     keys = [cell_key(spec.task, c.model_dump_json()) for c in cells]
     have: dict[str, bool] = {}
     missing: dict[str, list[str]] = {}
@@ -169,8 +183,39 @@ def plan(spec: Spec, scale: str, store: RunStore, *, data_root: str | Path | Non
         lacking = [n for n in names if not have[n]]
         if lacking:
             missing[k] = lacking
-    stored = set(store.get_many(keys))
+    stored = set(store.get_many(keys)) if store is not None else set()
     return Plan(spec, scale, cells, keys, missing, stored)
+
+
+def dry_run(spec: str | Path | Spec, *, scale: str = "quick", results: str | Path = "results",
+            store: str | None = None, data_root: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `reproduce` would do, writing nothing: every cell's key, status (stored, needs
+    data, to run) and parameters. An existing store is read; a missing one is not created."""
+    s = spec if isinstance(spec, Spec) else load_spec(spec)
+    location = store or str(Path(results) / "runs.db")
+    rs = RunStore(location) if _store_exists(location) else None
+    try:
+        p = plan(s, scale, rs, data_root=data_root, overrides=overrides)
+    finally:
+        if rs is not None:
+            rs.close()
+    rows = []
+    for cell, key in zip(p.cells, p.keys):
+        status = ("stored" if key in p.stored else
+                  "needs data: " + ", ".join(p.missing[key]) if key in p.missing else "to run")
+        rows.append({"key": key, "status": status, "params": cell.model_dump(mode="json")})
+    sc = s.scale_spec(scale)
+    return {"spec": s.name, "scale": scale, "note": sc.note, "cells": len(p.cells),
+            "stored": len(p.stored), "need_data": len(p.missing), "to_run": len(p.todo),
+            "overrides": dict(overrides or {}), "grid": rows}
+
+
+def _store_exists(location: str) -> bool:
+    """A SQLite path that exists, or any database URL (opening a URL creates no file here)."""
+    if "://" in location:
+        return not location.startswith("sqlite") or Path(location.split("///", 1)[-1]).exists()
+    return Path(location).exists()
 
 
 @dataclass
@@ -192,11 +237,13 @@ def reproduce(
     engine: str = "local", engine_options: dict[str, Any] | None = None,
     threads: int | None = None, progress: bool = True, write: bool = True,
     on_result: Callable[[JobResult], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Report:
     """Run every missing cell of `spec` at `scale`, then write its table and plots.
 
     results: the results directory (outputs go to `<results>/<scale>/<spec>/`, victims to
     `<results>/artifacts/`); store: a path or SQLAlchemy URL (default `<results>/runs.db`).
+    overrides: {field path: value} set on every cell (`reproduce --set`).
     """
     t0 = time.perf_counter()
     s = spec if isinstance(spec, Spec) else load_spec(spec)
@@ -205,7 +252,7 @@ def reproduce(
     results = Path(results)
     rs = RunStore(store or results / "runs.db")
     try:
-        p = plan(s, scale, rs, data_root=data_root)
+        p = plan(s, scale, rs, data_root=data_root, overrides=overrides)
         worker = WorkerConfig(device=str(resolve_device(device)),
                               artifacts=str((results / "artifacts").resolve()),
                               data_root=str(data_root) if data_root else None, threads=threads,
@@ -257,7 +304,8 @@ def _run_jobs(p: Plan, rs: RunStore, eng: Engine, worker: WorkerConfig, *, progr
         rs.add(RunRecord(
             cell_key=res.job.key, spec=p.spec.name, scale=p.scale, task=p.spec.task,
             params=res.job.payload, seed=cell.seed, metrics=res.metrics, series=res.series,
-            timings={"seconds": res.seconds}, version=__version__, git_commit=commit,
+            timings={"seconds": res.seconds, **res.timings}, version=__version__,
+            git_commit=commit,
             device=_device_name(worker.device)))
     bar.close()
     return failed

@@ -5,10 +5,12 @@
     ref: Table 3                    # where in the paper
     title: KnockoffNets, JBDA, JBDA-TR against undefended and EDM targets
     base: _edm                      # optional: deep-merge this spec over specs/_edm.yaml
-                                    # (mappings merge, lists are replaced, except each
-                                    # scale's `rules`: the child's follow the base's)
+                                    # (mappings merge, lists are replaced, except `rules`
+                                    # and each scale's `rules`: the child's follow the base's)
     task: steal                     # a registered task (stealguard.reproduce.tasks)
     defaults: {...}                 # fields every cell starts from
+    rules:                          # overrides for the matching cells, at every scale
+      - {where: {attack: [jbda]}, set: {options.preset: mad}}
     grid:                           # blocks; each expands to the product of its lists
       - each:                       # alternatives merged one at a time (zipped fields)
           - {victim: {dataset: mnist}, queries: fashionmnist}
@@ -25,11 +27,13 @@
             compare: {path: victim.training, baseline: standard}}
     plots: [{kind: tradeoff, x: clone_accuracy, y: defender_accuracy, ...}]
 
-A cell is `defaults`, then one expanded grid entry, then the scale's `set`, deep-merged in
-that order, then the scale's `rules` (a `set` for the cells matching its `where`), then
-filtered by the scale's `where`, then validated by the task's `Cell`
-model. Every cell of every scale is validated when the spec is loaded, so a bad dataset,
-defense, attack or parameter fails before anything runs, with the field's path.
+A cell is `defaults`, then one expanded grid entry, then the spec's `rules`, then the
+scale's `set`, deep-merged in that order, then the scale's `rules` (a `set` for the cells matching its `where`), then the
+command line's `--set` overrides, then validated by the task's `Cell` model, then filtered
+by the scale's `where`. Every cell of every scale (quick, cpu, full) is validated when the
+spec is loaded, before any filtering, so a bad dataset, defense, attack or parameter (or a
+typo such as `datset:` in an entry the quick scale drops) fails before anything runs, with
+the field's path.
 
 Lists are axes: a list anywhere in a grid block is expanded (so a field whose value is a
 list must be given in `defaults` or `set`, where nothing is expanded).
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +56,7 @@ from stealguard.errors import ConfigError, StealguardError
 from stealguard.reproduce.tasks import TASKS, CellBase
 
 SPEC_DIR = Path(__file__).with_name("specs")
-SCALES = ("quick", "full")
+SCALES = ("quick", "cpu", "full")  # quick: minutes; cpu: ~90 min on 2 cores; full: the papers' sizes
 
 
 class Rule(BaseModel):
@@ -129,6 +133,8 @@ class Spec(BaseModel):
     task: str = "steal"
     base: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list, description="overrides for some cells at "
+                              "every scale (before the scale's set and rules)")
     grid: list[dict[str, Any]] = Field(default_factory=lambda: [dict[str, Any]()])
     scales: dict[str, ScaleSpec] = Field(default_factory=dict)
     substitutes: list[str] = Field(default_factory=list,
@@ -147,29 +153,82 @@ class Spec(BaseModel):
                                   f"{', '.join(SCALES)}")
         return self
 
-    def cells(self, scale: str, *, data_root: str | Path | None = None) -> list[CellBase]:
-        """Every cell of `scale`, validated, in grid order, without duplicates."""
+    def cells(self, scale: str, *, data_root: str | Path | None = None,
+              overrides: Mapping[str, Any] | None = None) -> list[CellBase]:
+        """Every cell of `scale`, validated, in grid order, without duplicates.
+
+        overrides: {field path: value} set on every cell last (after the scale's `set` and
+        `rules`; `reproduce --set key=value`). Every expanded grid entry is validated before
+        the scale's `where` filters it, so a typo in an entry that this scale drops still
+        fails, naming the field.
+        """
         if scale not in SCALES:
             raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
-        sc = self.scales.get(scale, ScaleSpec())
+        sc = self.scale_spec(scale)
         cell_cls = TASKS.get(self.task).Cell
+        forced = _unflatten(dict(overrides or {}))
         out: list[CellBase] = []
         seen: set[str] = set()
         for i, block in enumerate(self.grid):
             for raw in expand(block):
-                merged = deep_merge(deep_merge(self.defaults, raw), _unflatten(sc.set))
+                merged = deep_merge(self.defaults, raw)
+                for rule in self.rules:
+                    if _matches(merged, rule.where):
+                        merged = deep_merge(merged, _unflatten(rule.set))
+                merged = deep_merge(merged, _unflatten(sc.set))
                 for rule in sc.rules:
                     if _matches(merged, rule.where):
                         merged = deep_merge(merged, _unflatten(rule.set))
-                if not _matches(merged, sc.where):
+                merged = _substitute(deep_merge(merged, forced), data_root)
+                where = f"spec {self.name}: grid[{i}] ({scale})"
+                cell = _validate(cell_cls, merged, where)  # before filtering: typos fail
+                if not _matches(merged, _substitute(sc.where, data_root)):
                     continue
-                merged = _substitute(merged, data_root)
-                cell = _validate(cell_cls, merged, f"spec {self.name}: grid[{i}] ({scale})")
                 key = cell.model_dump_json()
                 if key not in seen:
                     seen.add(key)
                     out.append(cell)
         return out
+
+    def scale_spec(self, scale: str) -> ScaleSpec:
+        """The scale's settings; a spec not sized for `cpu` runs its quick cells there."""
+        if scale in self.scales:
+            return self.scales[scale]
+        if scale == "cpu" and "quick" in self.scales:
+            quick = self.scales["quick"]
+            return quick.model_copy(update={"note": "not sized for the cpu scale: the quick "
+                                            "scale's cells. " + quick.note})
+        return ScaleSpec()
+
+    def validate_all(self, *, data_root: str | Path | None = None) -> dict[str, int]:
+        """Validate every grid entry at every scale (ConfigError names the first bad field);
+        return the number of cells per scale."""
+        return {scale: len(self.cells(scale, data_root=data_root)) for scale in SCALES}
+
+    def with_data_root(self, data_root: str | Path | None) -> Spec:
+        """This spec with `${data_root}` filled in its paper values' matches and its scales'
+        filters, as in its cells (so a paper value written with `${data_root}` finds its cell)."""
+        pvs = [PaperValue.model_validate({**pv.model_dump(), "match": _substitute(pv.match,
+                                                                                  data_root)})
+               for pv in self.paper_values]
+        return self.model_copy(update={"paper_values": pvs})
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """["budget=1000", "victim.train.epochs=1"] -> {"budget": 1000, "victim.train.epochs": 1}.
+    Values are YAML scalars or flow collections ("0.5", "true", "null", "[1, 2]", "{a: 1}")."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} must look like field.path=value, for example "
+                              "budget=1000 or victim.train.epochs=1")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    return out
 
 
 def _matches(cell: Mapping[str, Any], where: Mapping[str, list[Any]]) -> bool:
@@ -306,8 +365,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_spec(name_or_path: str | Path, *, spec_dir: Path = SPEC_DIR) -> Spec:
-    """A spec by name (`edm-table3`, from the packaged specs) or by path to a YAML file."""
+def load_spec(name_or_path: str | Path, *, spec_dir: Path = SPEC_DIR,
+              validate: bool = True) -> Spec:
+    """A spec by name (`edm-table3`, from the packaged specs) or by path to a YAML file.
+
+    validate: check every cell of every scale now (a bad field fails here, naming it)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = spec_dir / f"{name_or_path}.yaml"
@@ -329,6 +391,8 @@ def load_spec(name_or_path: str | Path, *, spec_dir: Path = SPEC_DIR) -> Spec:
         base = _read_yaml(base_path)
         child = {k: v for k, v in data.items() if k != "base"}
         merged = deep_merge(base, child)
+        if base.get("rules") and child.get("rules"):  # a child's rules follow its base's
+            merged["rules"] = [*base["rules"], *child["rules"]]
         for scale, sc in (merged.get("scales") or {}).items():  # a child's rules add to its base's
             base_rules = ((base.get("scales") or {}).get(scale) or {}).get("rules") or []
             child_rules = ((child.get("scales") or {}).get(scale) or {}).get("rules") or []
@@ -337,10 +401,13 @@ def load_spec(name_or_path: str | Path, *, spec_dir: Path = SPEC_DIR) -> Spec:
         data = merged
         data["base"] = base.get("base")
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
         problems = [f"{'.'.join(str(p) for p in err['loc']) or '(spec)'}: {err['msg']}"
                     for err in e.errors()]
         raise ConfigError(f"{path}: " + "; ".join(problems)) from None
     except StealguardError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if validate:
+        spec.validate_all()  # every grid entry at every scale, before any filtering
+    return spec

@@ -17,6 +17,8 @@ training hyper-parameters). Each training kind is registered in VICTIMS with typ
                         `arch` is only the registered architecture the cell validates clone
                         options against (the key holds the path, not the artifact's bytes:
                         replacing the artifact in place needs a new results/artifacts folder)
+    surrogate_init      MAD Fig. A3: the standard victim, and MAD's surrogate trained part way
+                        (to a test accuracy), handed to the `mad` defense as its `surrogate`
 
 `VictimCache.get(cfg)` trains a victim on first use and saves it under
 `<artifacts>/victims/<key>/` (safetensors + manifest, written to a temporary folder and
@@ -32,6 +34,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +57,7 @@ from stealguard.formats import load_victim, save_victim
 from stealguard.models import MODELS, Classifier, build_model
 from stealguard.pipeline import train_victim
 from stealguard.registry import Registry
-from stealguard.training import TrainConfig, accuracy
+from stealguard.training import TrainConfig, accuracy, train
 from stealguard.victim import Victim
 
 VICTIMS: Registry[VictimKind] = Registry("victim training")
@@ -174,8 +177,18 @@ class DPParams(BaseModel):
 
 class OEParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    outliers: str = "kmnist"
+    outliers: str = Field("kmnist", description="the outlier set, dataset[@split] (default "
+                          "split train; kmnist: test, the only one here)")
     weight: float = Field(1.0, ge=0)  # lambda of OE; 1 as the AM authors' code
+
+    @field_validator("outliers")
+    @classmethod
+    def _known_outliers(cls, v: str) -> str:
+        name, _, split = v.partition("@")
+        known_dataset(name)
+        if split not in ("", "train", "test"):
+            raise ValueError(f"outliers {v!r}: unknown split {split!r}; valid: train, test")
+        return v
 
 
 def _standard(cfg: VictimConfig, p: Any, device: torch.device, data_root: str | Path | None,
@@ -235,7 +248,8 @@ def _outlier_exposure(cfg: VictimConfig, p: Any, device: torch.device,
     from stealguard.defenses import train_misinformation, train_outlier_exposure
 
     ds = _train_set(cfg, data_root)
-    out = load_dataset(p.outliers, "train" if p.outliers != "kmnist" else "test",
+    name, _, split = p.outliers.partition("@")  # `name@split`, e.g. cifar100@test
+    out = load_dataset(name, split or ("train" if name != "kmnist" else "test"),
                        data_root=data_root)
     c, h, _ = ds.image_shape
     outliers = to_shape(out.images, c, h)
@@ -263,7 +277,49 @@ def _artifact(cfg: VictimConfig, p: Any, device: torch.device, data_root: str | 
     return TrainedVictim(victim, info={"artifact": str(p.path)})
 
 
+class SurrogateInitParams(BaseModel):
+    """MAD Fig. A3: MAD's surrogate trained part way, to about this test accuracy."""
+
+    model_config = ConfigDict(extra="forbid")
+    surrogate_accuracy: float | None = Field(None, gt=0, lt=1, description=(
+        "train MAD's surrogate until its test accuracy reaches this (the paper's early / mid / "
+        "late: ~0.25 / 0.5 / 0.75); None: a randomly initialised one ('rand', the default)"))
+    surrogate_seed: int = Field(1, description="the surrogate's initialisation and data order")
+    surrogate_chunk: int = Field(256, ge=1, description="training images between two checks "
+                                 "of its accuracy")
+
+
+def _surrogate_init(cfg: VictimConfig, p: Any, device: torch.device,
+                    data_root: str | Path | None, progress: bool) -> TrainedVictim:
+    """The standard victim, and (unless 'rand') MAD's surrogate of the victim's architecture
+    trained on the victim's training data, one chunk at a time, until its accuracy on 1,000
+    test images reaches `surrogate_accuracy` (the `surrogate` component of the mad defense)."""
+    tv = _standard(cfg, p, device, data_root, progress)
+    if p.surrogate_accuracy is None:
+        return TrainedVictim(tv.victim, info={"surrogate_accuracy": float("nan")})
+    ds = _train_set(cfg, data_root).subset(seed=p.surrogate_seed)  # shuffled
+    test = load_dataset(cfg.dataset, "test", data_root=data_root).subset(1000, seed=0)
+    surrogate = _fresh(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"seed": p.surrogate_seed})}), ds)
+    step = cfg.train.model_copy(update={"epochs": 1, "schedule": "constant",
+                                        "seed": p.surrogate_seed})
+    acc, seen = accuracy(surrogate, test.images, test.labels, device=device), 0
+    while acc < p.surrogate_accuracy:
+        lo = seen % len(ds)
+        chunk = slice(lo, lo + p.surrogate_chunk)
+        train(surrogate, ds.images[chunk], ds.labels[chunk], config=step, device=device,
+              progress=False)
+        seen += p.surrogate_chunk
+        acc = accuracy(surrogate, test.images, test.labels, device=device)
+        if seen > 50 * len(ds):
+            raise ConfigError(f"MAD's surrogate did not reach test accuracy "
+                              f"{p.surrogate_accuracy} in 50 epochs (at {acc:.3f})")
+    return TrainedVictim(tv.victim, components={"surrogate": surrogate.cpu().eval()},
+                         info={"surrogate_accuracy": acc, "surrogate_images": seen})
+
+
 VICTIMS.register("standard")(VictimKind(_NoParams, _standard))
+VICTIMS.register("surrogate_init")(VictimKind(SurrogateInitParams, _surrogate_init))
 VICTIMS.register("edm")(VictimKind(EDMParams, _edm))
 VICTIMS.register("ensemble")(VictimKind(RegularEnsembleParams, _edm))
 VICTIMS.register("dp_sgd")(VictimKind(DPParams, _dp_sgd))
@@ -291,7 +347,10 @@ class VictimCache:
             path = self.path(cfg)
             if not (path / "done.json").exists():
                 kind = VICTIMS.get(cfg.training)
+                t0 = time.perf_counter()
                 tv = kind.train(cfg, cfg.typed_params(), device, data_root, progress)
+                tv.info["train_seconds"] = round(time.perf_counter() - t0, 2)  # to the store
+                tv.info["train_device"] = str(device)
                 self._save(tv, path, cfg)
             # Always the saved weights, also right after training: every process (local or a
             # Ray worker) then computes with bit-identical tensors in the same layout.

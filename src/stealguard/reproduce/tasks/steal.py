@@ -22,7 +22,7 @@ in any process (the local and the Ray engines store identical rows).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -49,20 +49,47 @@ def build_cell_defense(cfg: DefenseConfig, victim: Any, *, seed: int,
 
 
 class StealCell(CellBase):
+    """One attack on one (defended) victim. The attack goes through one `AttackConfig`:
+    `attack` (its registered name), `queries`/`queries_split` (its data), `options` (its typed
+    Params: labels, arch, nquery, ..., and for the Jacobian family preset, seed_size,
+    rounds, step, round_config, ...) and `clone` (the returned clone's training)."""
+
     victim: VictimConfig
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     attack: str = "knockoff"
-    queries: DatasetName | None = Field(None, description="the attacker's images (None for a "
+    queries: DatasetName | None = Field(None, description="the attacker's images: the "
+                                        "surrogate set, or the in-distribution images the "
+                                        "Jacobian family draws its seeds from (None: a "
                                         "data-free attack)")
     queries_split: str = "train"
     budget: int = Field(ge=1)
-    options: dict[str, Any] = Field(default_factory=dict)
-    clone: TrainConfig | None = Field(None, description="the clone's training; for the "
-                                      "Jacobian family, each round's (None: the preset's)")
-    preset: Literal["edm", "mad"] = "edm"
-    jacobian: dict[str, Any] | None = None
-    seed_size: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="the attack's Params (see `stealguard attacks`)")
+    clone: TrainConfig | None = Field(None, description="the returned clone's training (None: "
+                                      "the attack's); its seed is the cell's")
     test_subset: int | None = Field(None, ge=1, description="evaluate on a seeded test subset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_fields(cls, data: Any) -> Any:
+        """Cells stored before the attacks had typed Params carried `preset`, `seed_size` and
+        `jacobian` beside `options`: they are attack params now (a `preset` on an attack
+        without one was ignored then, and is dropped)."""
+        if not isinstance(data, dict) or not {"preset", "seed_size", "jacobian"} & set(data):
+            return data
+        data = dict(data)
+        moved = dict(data.pop("jacobian", None) or {})
+        if moved.get("rounds", 0) is None:
+            moved["rounds"] = "budget"
+        if data.get("seed_size") is not None:
+            moved["seed_size"] = data["seed_size"]
+        data.pop("seed_size", None)
+        preset = data.pop("preset", None)
+        fields = attack_params_class(data.get("attack", "knockoff")).model_fields
+        if preset is not None and "preset" in fields:
+            moved["preset"] = preset
+        data["options"] = {**moved, **dict(data.get("options") or {})}
+        return data
 
     @field_validator("attack")
     @classmethod
@@ -75,31 +102,21 @@ class StealCell(CellBase):
         self.attack_config()  # names a bad field
         return self
 
+    def datasets(self) -> list[str]:
+        return [*self.victim.datasets(), *([self.queries] if self.queries else [])]
+
     def attack_config(self) -> AttackConfig:
-        """The cell's attack as one AttackConfig: its options and clone, and for the Jacobian
-        family the preset, seed-set size and Jacobian overrides, as params. (A spec's
-        `preset` applies to the attacks that have one; `seed_size` and `jacobian` to no other
-        attack.)"""
-        fields = attack_params_class(self.attack).model_fields
+        """The cell's attack as one AttackConfig (the clone's seed and the attack's are the
+        cell's; the clone's architecture defaults to the victim's)."""
         params: dict[str, Any] = {"seed": self.seed, "arch": self.victim.arch, **self.options}
         if self.clone is not None:
             params["clone"] = self.clone.model_copy(update={"seed": self.seed})
-        if "preset" in fields:
-            params["preset"] = self.preset
-        jac = dict(self.jacobian or {})
-        if "rounds" in jac and jac["rounds"] is None:
-            jac["rounds"] = "budget"
-        if self.seed_size is not None:
-            jac["seed_size"] = self.seed_size
-        if jac and "rounds" not in fields:
-            raise ValueError(f"jacobian and seed_size are for the Jacobian family (jbda, "
-                             f"jbda_tr, jb_self, jb_top3), not attack {self.attack!r}")
         data_free = getattr(ATTACKS.get(self.attack), "data_free", False)
         if data_free != (self.queries is None):
             raise ValueError(f"attack {self.attack!r} is data-free: give it no queries" if data_free
                              else f"attack {self.attack!r} needs queries (the attacker's images)")
-        return AttackConfig(name=self.attack, params={**params, **jac},
-                            data=None if data_free else f"{self.queries}@{self.queries_split}")
+        data = None if data_free else f"{self.queries}@{self.queries_split}"
+        return AttackConfig.parse({"name": self.attack, "params": params, "data": data})
 
 
 @TASKS.register("steal")
@@ -127,5 +144,6 @@ class Steal(Task):
             metrics.update({k: dm[k] for k in dm if k.endswith(("_mean", "_std"))})
             metrics["argmax_changed"] = dm["argmax_changed"]
         metrics.update({k: float(v) for k, v in tv.info.items()
-                        if isinstance(v, int | float) and k in ("hash_accuracy", "dp_epsilon")})
+                        if isinstance(v, int | float) and k in ("hash_accuracy", "dp_epsilon",
+                                                                 "surrogate_accuracy")})
         return CellResult(metrics=metrics)
