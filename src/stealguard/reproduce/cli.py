@@ -55,12 +55,12 @@ def reproduce_command(
         if as_json:
             print(json.dumps(listing))
             return
-        print(f"{listing['spec']} ({scale}): {listing['cells']} cells, {listing['stored']} "
-              f"stored, {listing['need_data']} need data, {listing['to_run']} to run")
-        if listing["note"]:
-            print(f"  scale {scale}: {listing['note']}")
         for row in listing["grid"]:
             print(f"  {row['key'][:12]}  {row['status']:<10}  {json.dumps(row['params'])}")
+        if listing["note"]:
+            print(f"scale {scale}: {listing['note']}")
+        print(f"{listing['spec']} ({scale}): {listing['cells']} cells, {listing['stored']} "
+              f"stored, {listing['need_data']} need data, {listing['to_run']} to run")
         return
     check_output_dir(results, "--results", artifact_marker=None)
     options = ({"address": address, "num_cpus": cpus, "num_gpus": gpus}
