@@ -17,13 +17,15 @@ runner = CliRunner()
 
 
 def options_of(name: str) -> set[str]:
-    cmd = next(c for c in app.registered_groups if c.name == "attack").typer_instance
-    command = next(c for c in cmd.registered_commands if c.name == name)
+    """The option flags of `stealguard attack <name>`, as click builds the command."""
+    import click
     import typer.main
 
-    click_cmd = typer.main.get_command_from_info(command, pretty_exceptions_short=True,
-                                                 rich_markup_mode=None)
-    return {opt for p in click_cmd.params for opt in p.opts}
+    group = typer.main.get_command(app)
+    with click.Context(group) as ctx:
+        attack = group.get_command(ctx, "attack")
+        command = attack.get_command(ctx, name)
+    return {opt for p in command.params for opt in p.opts}
 
 
 def test_each_attack_lists_only_its_own_options():

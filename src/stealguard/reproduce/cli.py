@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from stealguard.console import check_output_dir, console, print_json, show_progress
+from stealguard.console import check_output_dir, console, print_json, show_progress, to_json
 from stealguard.errors import StealguardError
 
 
@@ -53,10 +53,10 @@ def reproduce_command(
         listing = plan_only(s, scale=scale, results=results, store=store, data_root=data_root,
                             overrides=overrides)
         if as_json:
-            print(json.dumps(listing))
+            print_json(listing)  # strict JSON
             return
         for row in listing["grid"]:
-            print(f"  {row['key'][:12]}  {row['status']:<10}  {json.dumps(row['params'])}")
+            print(f"  {row['key'][:12]}  {row['status']:<10}  {to_json(row['params'])}")
         if listing["note"]:
             print(f"scale {scale}: {listing['note']}")
         print(f"{listing['spec']} ({scale}): {listing['cells']} cells, {listing['stored']} "
