@@ -18,9 +18,11 @@ from stealguard.errors import ConfigError
 from stealguard.reproduce.spec import SCALES, load_spec, parse_overrides, spec_names
 from stealguard.reproduce.tables import paper_values
 
-# the papers' steal specs (not the demo, whose rows are the README's fixed demo table)
+# the EDM and MAD papers' steal specs (not the demo, whose rows are the README's fixed demo
+# table, nor the data-free attacks' own spec)
 STEAL_SPECS = [n for n in spec_names()
-               if load_spec(n, validate=False).task == "steal" and n != "demo"]
+               if load_spec(n, validate=False).task == "steal"
+               and n not in ("demo", "datafree-table")]  # the README demo; #19 own spec
 # output defenses that keep (or aim to keep) the top-1 label: an argmax attacker sees the
 # undefended victim's labels through them (MAD paper sec. 5.2.3 (a))
 TOP1 = {"mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "topk"}
