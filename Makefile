@@ -38,6 +38,7 @@ gpu-check: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/datafree_table.py results/datafree-mnist/run.jsonl
 """
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+import json
+import sys
+
+rows = [json.loads(line) for line in open(sys.argv[1])]
 print("| attack | defense | budget spent | clone acc (10k test) | normalized | agreement | defender acc (1k) | wall s | loop q/s |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:

@@ -6,19 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.synthetic import quadrant_images
 from torch import nn
 
 from stealguard.blackbox import LocalBlackBox
 from stealguard.defenses import build_defense
 from stealguard.errors import ConfigError, QueryBudgetExceeded
 from stealguard.models import build_model
-from tests.synthetic import quadrant_images
 
 pytest.importorskip("art")
-from art.attacks.extraction import KnockoffNets  # noqa: E402
-from art.estimators.classification import PyTorchClassifier  # noqa: E402
+from art.attacks.extraction import KnockoffNets
+from art.estimators.classification import PyTorchClassifier
 
-from stealguard.interop.art import (  # noqa: E402
+from stealguard.interop.art import (
     as_postprocessor,
     blackbox_classifier,
     victim_from_art,

@@ -146,7 +146,9 @@ def train(
     progress = show_progress(as_json)
     t0 = time.perf_counter()
     from stealguard.formats import save_victim
+    from stealguard.victim import Victim
 
+    victim: Victim
     if defense == "edm":
         from stealguard.ensemble import train_edm
 
@@ -184,8 +186,9 @@ def evaluate(
     device = _device(device)
     victim = load_victim(artifact)
     shape = tuple(victim.model.input_shape)
-    if dataset is not None and known_shape(dataset) is not None:
-        _check_shape(artifact, shape, victim.dataset, dataset, known_shape(dataset))
+    data_shape = known_shape(dataset) if dataset is not None else None
+    if dataset is not None and data_shape is not None:
+        _check_shape(artifact, shape, victim.dataset, dataset, data_shape)
     d = _defense(victim.model, defense, defense_param)
     test = (test_set_for(victim, data_root=data_root) if dataset is None
             else load_dataset(dataset, "test", data_root=data_root))

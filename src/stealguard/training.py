@@ -241,7 +241,7 @@ def train(
     model.to(dev).train()
     layout = _layout(model, channels_last)
     if layout is not None:
-        model.to(memory_format=layout)
+        model.to(memory_format=layout)  # type: ignore[call-overload]
     x_all = images.to(dev)  # whole dataset on the device, uint8 stays small
     y_all = targets.to(dev).float() if targets.dim() == 2 else targets.to(dev).long()
     n = int(x_all.shape[0])
@@ -292,7 +292,7 @@ def train(
     log.seconds = time.perf_counter() - t0
     log.samples_per_second = n * len(log.epochs) / max(log.seconds, 1e-9)
     if layout is not None:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.eval()
     return log
 

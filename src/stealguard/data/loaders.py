@@ -16,6 +16,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -486,9 +487,9 @@ def check_disjoint_splits(name: str, *, data_root: str | Path | None = None) -> 
             f"<path>/train/<class>/<image> and <path>/test/<class>/<image>")
 
 
-def dataset_status(root: Path) -> list[dict[str, object]]:
+def dataset_status(root: Path) -> list[dict[str, Any]]:
     """Each registered dataset and whether its train and test splits are present under root."""
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for name in DATASETS.names():
         loader = DATASETS.get(name)
         row: dict[str, object] = {"name": name}

@@ -111,6 +111,8 @@ def save_edm(
     members = [_write_net(out, f"member-{i}.safetensors", cast(Classifier, m))
                for i, m in enumerate(edm.members)]
     h = edm.hash_fn
+    if h is None:
+        raise ConfigError("an EDM bundle needs the ensemble's hash (hash_fn is None)")
     spec = HashSpec(kind=h.kind, task=hash_task, metrics=hash_metrics or {})
     if isinstance(h, DNNHash):
         spec.num_classes, spec.subclasses = h.num_classes, h.subclasses

@@ -80,7 +80,7 @@ class StackedMembers(nn.Module):
             self.register_buffer(f"shared_{i}", buffers[k][0].clone())
         self.n = len(members)
         if hasattr(members[0], "num_classes"):  # `train` checks the labels against it
-            self.num_classes = int(members[0].num_classes)
+            self.num_classes = int(members[0].num_classes)  # type: ignore[arg-type]
         # a stateless skeleton: functional_call supplies the tensors
         self._skeleton = [copy.deepcopy(members[0]).to("meta")]  # list: not a submodule
 
@@ -119,7 +119,7 @@ class MemberList(nn.Module):
         self.members = nn.ModuleList(members)
         self.n = len(members)
         if hasattr(members[0], "num_classes"):  # `train` checks the labels against it
-            self.num_classes = int(members[0].num_classes)
+            self.num_classes = int(members[0].num_classes)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) shared by all members -> (N, B, K)."""

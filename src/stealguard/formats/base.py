@@ -95,6 +95,12 @@ class ArtifactFormat(ABC):
 FORMATS: Registry[ArtifactFormat] = Registry("artifact format")
 
 
+def shape3(shape: Any) -> tuple[int, int, int]:
+    """A manifest's (C, H, W) as a typed triple."""
+    c, h, w = (int(d) for d in shape)
+    return (c, h, w)
+
+
 def register_format(fmt: type[ArtifactFormat]) -> type[ArtifactFormat]:
     """Class decorator: register one instance of `fmt` under `fmt.name`."""
     FORMATS.register(fmt.name)(fmt())

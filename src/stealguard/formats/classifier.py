@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from stealguard.artifacts import FORMAT, load_classifier, read_manifest, save_classifier
-from stealguard.formats.base import ArtifactFormat, ArtifactInfo, register_format
+from stealguard.formats.base import ArtifactFormat, ArtifactInfo, register_format, shape3
 from stealguard.models import Classifier, build_model
 from stealguard.victim import Victim
 
@@ -33,7 +33,7 @@ class ClassifierFormat(ArtifactFormat):
 
     def describe(self, path: Path) -> ArtifactInfo:
         m = read_manifest(path)
-        return ArtifactInfo(self.name, m.arch, tuple(m.input_shape), int(m.num_classes),
+        return ArtifactInfo(self.name, m.arch, shape3(m.input_shape), int(m.num_classes),
                             list(m.classes), dict(m.normalization), 1, m.dataset)
 
     def standin(self, path: Path) -> Any:

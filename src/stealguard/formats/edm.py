@@ -17,7 +17,7 @@ from stealguard.ensemble.bundle import (
 )
 from stealguard.ensemble.pipeline import EDMVictim, load_edm_victim
 from stealguard.ensemble.predictor import EDMPredictor
-from stealguard.formats.base import ArtifactFormat, ArtifactInfo, register_format
+from stealguard.formats.base import ArtifactFormat, ArtifactInfo, register_format, shape3
 from stealguard.formats.classifier import fresh_model
 from stealguard.victim import Victim
 
@@ -43,7 +43,7 @@ class EDMFormat(ArtifactFormat):
 
     def describe(self, path: Path) -> ArtifactInfo:
         m = read_edm_manifest(path)
-        return ArtifactInfo(self.name, m.arch, tuple(m.input_shape), int(m.num_classes),
+        return ArtifactInfo(self.name, m.arch, shape3(m.input_shape), int(m.num_classes),
                             list(m.classes), dict(m.normalization), len(m.members), m.dataset,
                             public_info(m))
 

@@ -39,7 +39,7 @@ from torch import nn
 from stealguard import __version__
 from stealguard.artifacts import WeightsInfo, _atomic_write_bytes, _load_weights, sha256_file
 from stealguard.errors import ArtifactError, ConfigError
-from stealguard.formats.base import MANIFEST, ArtifactFormat, ArtifactInfo, register_format
+from stealguard.formats.base import MANIFEST, ArtifactFormat, ArtifactInfo, register_format, shape3
 from stealguard.victim import Victim
 from stealguard.wrapped import WrappedModel, wrap
 
@@ -234,7 +234,7 @@ class ModuleFormat(ArtifactFormat):
 
     def describe(self, path: Path) -> ArtifactInfo:
         m = read_module_manifest(path)
-        return ArtifactInfo(self.name, None, tuple(m.input_shape), m.num_classes,
+        return ArtifactInfo(self.name, None, shape3(m.input_shape), m.num_classes,
                             list(m.classes), m.normalization, 1, m.dataset,
                             {"factory": m.factory, "last_layer": m.last_layer})
 

@@ -38,7 +38,7 @@ from torch import nn
 from stealguard import __version__
 from stealguard.artifacts import WeightsInfo, _atomic_write_bytes, sha256_file
 from stealguard.errors import ArtifactError, ConfigError
-from stealguard.formats.base import MANIFEST, ArtifactFormat, ArtifactInfo, register_format
+from stealguard.formats.base import MANIFEST, ArtifactFormat, ArtifactInfo, register_format, shape3
 from stealguard.models import Normalize
 from stealguard.victim import Victim
 
@@ -274,6 +274,6 @@ class OnnxFormat(ArtifactFormat):
 
     def describe(self, path: Path) -> ArtifactInfo:
         m = read_onnx_manifest(path)
-        return ArtifactInfo(self.name, None, tuple(m.input_shape), m.num_classes,
+        return ArtifactInfo(self.name, None, shape3(m.input_shape), m.num_classes,
                             list(m.classes), m.normalization, 1, m.dataset,
                             {"outputs": m.outputs})

@@ -94,7 +94,7 @@ def victim_from_art(classifier: Any, *, classes: list[str] | None = None) -> Any
     ART's `preprocessing=(mean, std)` becomes the victim's normalisation; the module must map
     normalised images to logits, as ART's PyTorchClassifier expects.
     """
-    from stealguard import wrap
+    from stealguard.wrapped import wrap
 
     module = getattr(classifier, "model", None)
     if not isinstance(module, torch.nn.Module):

@@ -12,6 +12,7 @@ The split lets MAD use the last linear layer in closed form.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ MODELS: Registry[Factory] = Registry("model")
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; buffers so they travel with the weights."""
+
+    mean: torch.Tensor  # (1, C, 1, 1) buffers
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -101,10 +105,10 @@ def build_model(
 INPUT_SHAPES = {"1x28x28": (1, 28), "3x32x32": (3, 32)}  # MNIST-like, CIFAR-like
 
 
-def describe_models(num_classes: int = 10) -> list[dict[str, object]]:
+def describe_models(num_classes: int = 10) -> list[dict[str, Any]]:
     """Each registered architecture with its parameter count per input shape (None where the
     architecture does not take that shape)."""
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for name in MODELS.names():
         params: dict[str, int | None] = {}
         for label, (c, size) in INPUT_SHAPES.items():

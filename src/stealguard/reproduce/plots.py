@@ -188,7 +188,7 @@ def _faceted(draw: Draw) -> Callable[[PlotSpec, list[Row]], Figure]:
                 _note(ax, "no data" if rows else "no measured cells")
         for ax in axes[len(facets):]:
             ax.set_visible(False)
-        _legend(fig, axes[:len(facets)])
+        _legend(fig, list(axes[:len(facets)]))
         return fig
 
     return figure

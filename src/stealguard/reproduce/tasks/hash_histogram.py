@@ -79,6 +79,8 @@ def _hash_and_shape(cell: Any, ctx: RunContext
     edm = tv.victim.model
     if not isinstance(edm, EDMPredictor):
         raise ConfigError(f"hash_histogram: victim {cell.victim.key()} is not an EDM")
+    if edm.hash_fn is None:
+        raise ConfigError(f"hash_histogram: victim {cell.victim.key()} has no hash")
     c, h, _ = edm.input_shape
     extra = {k: float(tv.info[k]) for k in ("hash_accuracy",) if k in tv.info}
     return edm.hash_fn, cell.members or edm.n_members, (c, h), extra
