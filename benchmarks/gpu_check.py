@@ -244,9 +244,14 @@ def _few_rounds(name: str, clone: dict[str, Any]) -> dict[str, Any]:
     """The attack's Params at smoke size: its own fields only, a few rounds, a short clone."""
     from stealguard.attacks import ATTACKS
 
-    fields = ATTACKS.get(name).Params.model_fields  # type: ignore[attr-defined]
-    small = ({"rounds": 2, "seed_size": 32, "round_config": clone} if "rounds" in fields
-             else {"clone": clone})
+    cls = ATTACKS.get(name)
+    fields = cls.Params.model_fields  # type: ignore[attr-defined]
+    if getattr(cls, "data_free", False):  # the clone trains online, between generator steps
+        small: dict[str, Any] = {"batch": 8, "directions": 1}
+    elif "rounds" in fields:
+        small = {"rounds": 2, "seed_size": 32, "round_config": clone}
+    else:
+        small = {"clone": clone}
     return {k: v for k, v in small.items() if k in fields}
 
 
