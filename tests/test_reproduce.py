@@ -241,3 +241,30 @@ def test_spec_model_refuses_unknown_top_level_field() -> None:
     with pytest.raises(Exception, match="extra"):
         Spec.model_validate({"name": "x", "paper": "edm", "ref": "r", "title": "t",
                              "tabel": {}})
+
+
+def test_rekey_finds_rows_stored_in_an_older_cell_shape(tmp_path) -> None:
+    """A cell stored before attack settings moved into `options` (a `preset` beside them) is
+    the same experiment: `stealguard rekey` gives it the key today's spec computes, so a run
+    resumes from it and its table shows it; a row of no current cell keeps its key."""
+    import json as _json
+
+    from stealguard.reproduce.runner import plan, rekey_store
+    from stealguard.reproduce.spec import load_spec
+    from stealguard.reproduce.store import RunRecord, RunStore, cell_key
+
+    spec = load_spec("edm-table3")
+    cell = next(c for c in spec.cells("quick") if c.model_dump()["attack"] == "knockoff")
+    legacy = {**cell.model_dump(mode="json"), "preset": "edm"}  # the old shape
+    old_key = cell_key(spec.task, _json.dumps(legacy))
+    store = RunStore(tmp_path / "runs.db")
+    store.add(RunRecord(old_key, "edm-table3", "quick", spec.task, legacy, 0,
+                        {"clone_accuracy": 0.5}))
+    store.add(RunRecord("gone", "edm-table3", "quick", spec.task,
+                        {**legacy, "budget": 123}, 0, {"clone_accuracy": 0.1}))
+    assert len(plan(spec, "quick", store, data_root=None).stored) == 0
+    assert rekey_store(store) == 1 and rekey_store(store) == 0  # once, then nothing to do
+    p = plan(spec, "quick", store, data_root=None)
+    assert p.stored == {cell_key(spec.task, cell.model_dump_json())}
+    assert store.get_many(["gone"])["gone"].metrics["clone_accuracy"] == 0.1
+    store.close()

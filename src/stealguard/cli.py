@@ -402,6 +402,7 @@ def _register_reproduce_commands() -> None:
     from stealguard.reproduce.cli import (
         demo_command,
         headline_command,
+        rekey_command,
         reproduce_command,
         specs_command,
     )
@@ -409,6 +410,7 @@ def _register_reproduce_commands() -> None:
     app.command("reproduce")(reproduce_command)
     app.command("specs")(specs_command)
     app.command("demo")(demo_command)
+    app.command("rekey")(rekey_command)
     app.command("headline")(headline_command)
 
 

@@ -101,6 +101,29 @@ def specs_command(as_json: bool = typer.Option(False, "--json", help="Print JSON
         print(f"{r['name']:<16} {r['paper'].upper():<4} {r['ref']:<12} {r['title']}")
 
 
+def rekey_command(
+    results: Path = typer.Option(Path("results"), "--results", help="Results directory."),
+    store: Optional[str] = typer.Option(None, "--store", help="Run store (default "
+                                                             "<results>/runs.db)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Datasets folder."),
+) -> None:
+    """Re-key a run store's rows to today's cells (rows stored in an older cell shape of the
+    same experiment are found again by `reproduce`, `headline` and the tables)."""
+    from stealguard.reproduce.runner import rekey_store
+    from stealguard.reproduce.store import RunStore
+
+    location = store or results / "runs.db"
+    if store is None and not Path(location).exists():
+        raise StealguardError(f"no run store at {location}; give --store or --results")
+    rs = RunStore(location)
+    try:
+        moved = rekey_store(rs, data_root=data_root)
+        total = len(rs.all())
+    finally:
+        rs.close()
+    print(f"{location}: {moved} of {total} rows re-keyed to today's cells")
+
+
 def headline_command(
     results: Path = typer.Option(Path("results"), "--results", help="Results directory."),
     scale: str = typer.Option("quick", "--scale", help="quick or full."),

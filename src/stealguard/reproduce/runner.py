@@ -20,6 +20,7 @@ driver writes to the store (one writer), so any database works.
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -349,3 +350,37 @@ def _progress(total: int, desc: str, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="job")
+
+
+
+def _canonical(task: str, cell: CellBase) -> str:
+    return f"{task}\n" + json.dumps(cell.model_dump(mode="json"), sort_keys=True)
+
+
+def rekey_store(store: RunStore, *, data_root: str | Path | None = None) -> int:
+    """Give each stored row the key today's specs compute for its cell.
+
+    A cell's key is a digest of its JSON in spec order, so a row stored before a cell model
+    changed shape (fields moved into the attack's params, a default written out) is no longer
+    found, though it measured the same experiment. Each row is read through its task's Cell
+    model (which converts the old shape), compared by content with every cell of every
+    packaged spec at every scale, and re-keyed to the matching cell. Rows of no current cell
+    (a grid point a spec no longer has) keep their key. Returns the number re-keyed."""
+    from stealguard.reproduce.spec import spec_names
+
+    wanted: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in spec_names():
+        spec = load_spec(name).with_data_root(data_root)
+        for scale in spec.scales:
+            for c in spec.cells(scale, data_root=data_root):
+                wanted[_canonical(spec.task, c)] = (cell_key(spec.task, c.model_dump_json()),
+                                                    c.model_dump(mode="json"))
+
+    def key_of(rec: RunRecord) -> tuple[str, dict[str, Any]]:
+        try:
+            cell = TASKS.get(rec.task).Cell.model_validate(rec.params)
+        except (ValueError, StealguardError):  # a row of no valid cell today: left alone
+            return rec.cell_key, rec.params
+        return wanted.get(_canonical(rec.task, cell), (rec.cell_key, rec.params))
+
+    return store.rekey(key_of)

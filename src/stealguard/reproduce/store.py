@@ -22,7 +22,7 @@ import math
 import platform
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,24 @@ class RunStore:
             q = q.where(runs_table.c.spec == spec)
         with self.engine.connect() as c:
             return [_record(r) for r in c.execute(q).mappings()]
+
+    def rekey(self, key_of: Callable[[RunRecord], tuple[str, dict[str, Any]]]) -> int:
+        """Give each stored row the key (and params) `key_of(record)` says it has now, in one
+        transaction: for rows stored before a cell model changed shape without changing the
+        experiment (an old field moved, a default written out). A row whose new key is taken
+        already is left as it is. Returns the number of rows re-keyed."""
+        moved = 0
+        with self.engine.begin() as c:
+            taken = {r[0] for r in c.execute(select(runs_table.c.cell_key))}
+            for rec in [_record(r) for r in c.execute(select(runs_table)).mappings()]:
+                key, params = key_of(rec)
+                if key == rec.cell_key or key in taken:
+                    continue
+                c.execute(runs_table.update().where(runs_table.c.cell_key == rec.cell_key)
+                          .values(cell_key=key, params=_json(params)))
+                taken.add(key)
+                moved += 1
+        return moved
 
     def close(self) -> None:
         self.engine.dispose()
