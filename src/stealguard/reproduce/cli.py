@@ -145,7 +145,7 @@ def headline_command(
 
 
 def demo_command(
-    scale: str = typer.Option("quick", "--scale", help="quick (a 2-core CPU, < 10 min) or full "
+    scale: str = typer.Option("quick", "--scale", help="quick (a 2-core CPU, ~15 min) or full "
                                                       "(the papers' sizes, for a GPU)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
     results: Path = typer.Option(Path("results/demo"), "--results",
