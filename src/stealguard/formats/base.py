@@ -95,6 +95,15 @@ class ArtifactFormat(ABC):
 FORMATS: Registry[ArtifactFormat] = Registry("artifact format")
 
 
+def read_json_manifest(path: Path, model: Any, fmt: str) -> Any:
+    """`path`/manifest.json validated into the pydantic `model`; ArtifactError naming `fmt`."""
+    mpath = path / MANIFEST
+    try:
+        return model.model_validate(json.loads(mpath.read_text()))
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise ArtifactError(f"{mpath} is not a valid {fmt} manifest: {e}") from None
+
+
 def shape3(shape: Any) -> tuple[int, int, int]:
     """A manifest's (C, H, W) as a typed triple."""
     c, h, w = (int(d) for d in shape)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,7 +39,14 @@ from torch import nn
 from stealguard import __version__
 from stealguard.artifacts import WeightsInfo, _atomic_write_bytes, _load_weights, sha256_file
 from stealguard.errors import ArtifactError, ConfigError
-from stealguard.formats.base import MANIFEST, ArtifactFormat, ArtifactInfo, register_format, shape3
+from stealguard.formats.base import (
+    MANIFEST,
+    ArtifactFormat,
+    ArtifactInfo,
+    read_json_manifest,
+    register_format,
+    shape3,
+)
 from stealguard.victim import Victim
 from stealguard.wrapped import WrappedModel, wrap
 
@@ -194,11 +201,7 @@ def import_factory(
 
 
 def read_module_manifest(path: Path) -> ModuleManifest:
-    mpath = path / MANIFEST
-    try:
-        return ModuleManifest.model_validate(json.loads(mpath.read_text()))
-    except (OSError, ValueError, ValidationError) as e:
-        raise ArtifactError(f"{mpath} is not a valid {FORMAT} manifest: {e}") from None
+    return read_json_manifest(path, ModuleManifest, FORMAT)  # type: ignore[no-any-return]
 
 
 @register_format

@@ -32,13 +32,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from stealguard import __version__
 from stealguard.artifacts import WeightsInfo, _atomic_write_bytes, sha256_file
 from stealguard.errors import ArtifactError, ConfigError
-from stealguard.formats.base import MANIFEST, ArtifactFormat, ArtifactInfo, register_format, shape3
+from stealguard.formats.base import (
+    MANIFEST,
+    ArtifactFormat,
+    ArtifactInfo,
+    read_json_manifest,
+    register_format,
+    shape3,
+)
 from stealguard.models import Normalize
 from stealguard.victim import Victim
 
@@ -229,11 +236,7 @@ def _write_manifest(dest: Path, model: OnnxModel, *, dataset: str,
 
 
 def read_onnx_manifest(path: Path) -> OnnxManifest:
-    mpath = path / MANIFEST
-    try:
-        return OnnxManifest.model_validate(json.loads(mpath.read_text()))
-    except (OSError, ValueError, ValidationError) as e:
-        raise ArtifactError(f"{mpath} is not a valid {FORMAT} manifest: {e}") from None
+    return read_json_manifest(path, OnnxManifest, FORMAT)  # type: ignore[no-any-return]
 
 
 @register_format
