@@ -6,7 +6,9 @@ default collate), same model, same optimizer, measured side by side in one run.
         [--profile]
 
 Prints images/second for each (median of --rounds alternating runs) and the ratios
-(ours / per-sample loop), for stealguard's loop as it runs by default (NCHW) and with
+(ours / per-sample loop), for stealguard's loop with torch's own nn.MaxPool2d, as it runs
+by default (NCHW convolutions, max-pooling through NHWC: bit-identical, see
+`stealguard.models.layers.MaxPool2d`) and with
 `channels_last=True` (opt-in: faster on a CPU, but it moves stored results by float
 rounding; see `stealguard.training`), so the layout's share of the gain is visible.
 --profile first prints where one epoch of stealguard's loop spends its time (torch.profiler,
@@ -26,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stealguard.models import build_model
+from stealguard.models.layers import with_torch_pools
 from stealguard.training import TrainConfig, resolve_device, soft_cross_entropy, train
 
 
@@ -51,6 +54,7 @@ class PerSampleDataset(Dataset):
 
 
 def per_sample_loop(model, images, labels, *, epochs, batch_size, augment, device) -> float:
+    with_torch_pools(model)  # torch's own layers, as a torchvision-style pipeline has
     loader = DataLoader(PerSampleDataset(images, labels, augment), batch_size=batch_size,
                         shuffle=True, num_workers=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -75,6 +79,12 @@ def ours(model, images, labels, *, epochs, batch_size, augment, device,
     if device.type == "cuda":
         torch.cuda.synchronize()
     return log.samples_per_second
+
+
+def ours_torch_pools(model, images, labels, **kw) -> float:
+    """stealguard's loop on the same model with torch's NCHW nn.MaxPool2d (the pooling
+    share of the gain; bit-identical training, see stealguard.models.layers.MaxPool2d)."""
+    return ours(with_torch_pools(model), images, labels, **kw)
 
 
 def profile_ours(args, images, labels, device) -> None:
@@ -122,6 +132,7 @@ def main() -> None:
     if args.profile:
         profile_ours(args, images, labels, device)
     contenders = (("per-sample DataLoader loop", per_sample_loop),
+                  ("stealguard train, torch's max-pool", ours_torch_pools),
                   ("stealguard train", ours),
                   ("stealguard train, channels-last", partial(ours, channels_last=True)))
     for augment in (False, True):
@@ -138,10 +149,12 @@ def main() -> None:
                     augment=augment, device=device))
         base = statistics.median(rates["per-sample DataLoader loop"])
         mine = statistics.median(rates["stealguard train"])
+        tpool = statistics.median(rates["stealguard train, torch's max-pool"])
         nhwc = statistics.median(rates["stealguard train, channels-last"])
-        print(f"augment={augment!s:5}  per-sample loop {base:6.0f} img/s   stealguard {mine:6.0f}"
-              f" img/s ({mine / base:.2f}x)   stealguard channels-last {nhwc:6.0f} img/s "
-              f"({nhwc / base:.2f}x)")
+        print(f"augment={augment!s:5}  per-sample loop {base:6.0f} img/s   stealguard with "
+              f"torch's max-pool {tpool:6.0f} img/s ({tpool / base:.2f}x)   stealguard "
+              f"{mine:6.0f} img/s ({mine / base:.2f}x)   stealguard channels-last {nhwc:6.0f} "
+              f"img/s ({nhwc / base:.2f}x)")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -198,3 +198,27 @@ def test_http_blackbox_chunks_within_the_rate_limit(victim, tmp_path):
             HttpBlackBox(srv.url, secret, max_rate_wait_s=5) as bb:
         assert bb.query(x).shape == (10, 10)
     assert store.get(key.id).used == 10
+
+
+def test_demo_runs_with_its_defaults_shrunk_by_set(root: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stealguard demo` as `make demo` runs it (scale quick, results/demo under the working
+    directory, device auto), its sizes shrunk by --set: every row of the spec, the wall time
+    and the machine under the table, and a second run answers from the run store."""
+    monkeypatch.chdir(tmp_path)
+    shrink = ["--set", "victim.subset=60", "--set", "victim.train.epochs=1",
+              "--set", "victim.params.hash_epochs=1", "--set", "budget=64",
+              "--set", "clone.epochs=1"]
+    r = run(root, "demo", *shrink)
+    assert r.exit_code == 0, r.output
+    table = [ln for ln in r.output.splitlines() if "knockoff(fashionmnist)" in ln]
+    assert len(table) == 6
+    assert sum("mad_argmax" in ln for ln in table) == 2  # soft and argmax attackers
+    assert sum("edm" in ln for ln in table) == 2
+    assert re.search(r"wall time \d+ s \(6 cells run, 0 from the run store results/demo/"
+                     r"runs.db\); machine: .*threads, torch", r.output)
+    assert (tmp_path / "results" / "demo" / "runs.db").exists()
+    again = run(root, "demo", *shrink, "--json")
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.output)
+    assert report["ran"] == 0 and report["stored_before"] == 6 and len(report["rows"]) == 6

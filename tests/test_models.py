@@ -91,3 +91,46 @@ def test_max_pools_are_skipped_when_the_image_is_too_small() -> None:
 def test_too_small_images_are_rejected(arch: str) -> None:
     with pytest.raises(ConfigError, match="image_size must be >="):
         build_model(arch, in_channels=1, image_size=4, num_classes=10)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode", [(2, None, 0, False), (3, 2, 1, True)])
+def test_cpu_max_pool_is_bit_identical_to_torch(kernel: int, stride: int | None, padding: int,
+                                                ceil_mode: bool) -> None:
+    """Our MaxPool2d pools in NHWC on a CPU: values and gradients equal nn.MaxPool2d's,
+    ties included (ReLU zeros make whole windows tie)."""
+    from stealguard.models.layers import MaxPool2d
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4, 5, 13, 13)).requires_grad_()
+    ours = MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)
+    ref = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)
+    y, y_ref = ours(x), ref(x)
+    assert y.is_contiguous() and torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    assert torch.equal(gx, gx_ref)
+    # under torch.func (MAD's full Jacobian) it takes torch's own path and still agrees
+    jac = torch.func.jacrev(lambda t: ours(t).sum(dim=(2, 3)))(x[:1].detach())
+    jac_ref = torch.func.jacrev(lambda t: ref(t).sum(dim=(2, 3)))(x[:1].detach())
+    assert torch.equal(jac, jac_ref)
+
+
+def test_training_with_our_max_pool_matches_torch_to_the_bit() -> None:
+    from stealguard.models.layers import MaxPool2d, with_torch_pools
+    torch.manual_seed(0)
+    ours = build_model("conv3", in_channels=1, image_size=28, num_classes=10)
+    ref = with_torch_pools(build_model("conv3", in_channels=1, image_size=28, num_classes=10))
+    ref.load_state_dict(ours.state_dict())
+    assert not any(isinstance(m, MaxPool2d) for m in ref.modules())
+    for model in (ours, ref):
+        gen = torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            x = torch.rand(16, 1, 28, 28, generator=gen)
+            y = torch.randint(0, 10, (16,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from stealguard.models.base import MODELS
-from stealguard.models.layers import check_spec, init_weights
+from stealguard.models.layers import MaxPool2d, check_spec, init_weights
 
 
 class HashCNN3(nn.Module):
@@ -28,7 +28,7 @@ class HashCNN3(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c_out in ((in_channels, 8), (8, 16), (16, 32)):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+                       MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         side = image_size // 8  # three 2x2 pools, each floors
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(32 * side * side, 64),

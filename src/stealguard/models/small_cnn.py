@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from stealguard.models.base import MODELS
-from stealguard.models.layers import check_spec, init_weights
+from stealguard.models.layers import MaxPool2d, check_spec, init_weights
 
 
 class Conv3(nn.Module):
@@ -32,7 +32,7 @@ class Conv3(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c_out in ((in_channels, 32), (32, 64), (64, 128)):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+                       MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         side = image_size // 8  # three 2x2 pools, each floors
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(128 * side * side, 128),
@@ -58,8 +58,8 @@ class LeNet5(nn.Module):
     def __init__(self, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), MaxPool2d(2),
         )
         side = (image_size // 2 - 4) // 2  # conv1 keeps s, pool halves, conv2 takes 4
         self.hidden = nn.Sequential(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from stealguard.models.base import MODELS
-from stealguard.models.layers import check_spec, init_weights
+from stealguard.models.layers import MaxPool2d, check_spec, init_weights
 
 # Configuration D: numbers are conv3x3 output channels, "M" a 2x2 max-pool.
 VGG16_CFG: tuple[int | str, ...] = (
@@ -32,7 +32,7 @@ def make_layers(cfg: Sequence[int | str], *, in_channels: int, image_size: int) 
     for v in cfg:
         if v == "M":
             if side >= 2:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2d(2))
                 side //= 2
             continue
         assert isinstance(v, int)

@@ -126,7 +126,7 @@ def rekey_command(
 
 def headline_command(
     results: Path = typer.Option(Path("results"), "--results", help="Results directory."),
-    scale: str = typer.Option("quick", "--scale", help="quick or full."),
+    scale: str = typer.Option("quick", "--scale", help="quick, cpu or full."),
     store: Optional[str] = typer.Option(None, "--store", help="Run store (default "
                                                              "<results>/runs.db)."),
     readme: Optional[Path] = typer.Option(None, "--readme", help="Rewrite the headline "
@@ -145,13 +145,15 @@ def headline_command(
 
 
 def demo_command(
-    scale: str = typer.Option("quick", "--scale", help="quick (a 2-core CPU, ~15 min) or full "
+    scale: str = typer.Option("quick", "--scale", help="quick (a 2-core CPU, under 10 min) or full "
                                                       "(the papers' sizes, for a GPU)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
     results: Path = typer.Option(Path("results/demo"), "--results",
                                  help="Where the demo's run store, victims and table go."),
     fresh: bool = typer.Option(False, "--fresh", help="Run every cell again (a new run store)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Datasets folder."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field of every cell: "
+                                   "field.path=value (as `reproduce --set`), e.g. budget=1000."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
     """The main job: an MNIST victim, KnockoffNets clones, undefended, MAD-argmax and EDM.
@@ -165,12 +167,13 @@ def demo_command(
     import torch
 
     from stealguard.reproduce.runner import plan, reproduce
-    from stealguard.reproduce.spec import load_spec
+    from stealguard.reproduce.spec import load_spec, parse_overrides
     from stealguard.reproduce.store import RunStore
     from stealguard.reproduce.tables import rows_for
     from stealguard.training import resolve_device
 
     device = str(resolve_device(device))
+    overrides = parse_overrides(set_)
     spec = load_spec("demo")
     if scale not in spec.scales:
         raise StealguardError(f"unknown scale {scale!r}; valid: {', '.join(spec.scales)}")
@@ -180,12 +183,13 @@ def demo_command(
         (results / "runs.db").unlink()
     t0 = time.perf_counter()
     report = reproduce(spec, scale=scale, results=results, device=device, data_root=data_root,
-                       progress=show_progress(as_json))
+                       progress=show_progress(as_json), overrides=overrides)
     seconds = time.perf_counter() - t0
     rs = RunStore(results / "runs.db")
     try:
         rows = [demo_row(r.params, r.metrics) for r in rows_for(
-            plan(spec, scale, rs, data_root=data_root), rs) if r.status == "ok"]
+            plan(spec, scale, rs, data_root=data_root, overrides=overrides), rs)
+            if r.status == "ok"]
     finally:
         rs.close()
     machine = (f"{platform.machine()} {platform.processor() or ''}".strip() +
