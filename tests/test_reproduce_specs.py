@@ -221,3 +221,12 @@ def test_one_cpu_scale_cell_shrunk_by_set_runs(tmp_path):
     assert res.metrics["queries"] == 200 and 0 <= res.metrics["clone_accuracy"] <= 1
     assert res.metrics["argmax_changed"] == 0.0  # MAD-argmax keeps the top-1 label
     assert res.timings["victim_train_seconds"] > 0
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_datafree_table_compares_mad_and_mad_argmax_at_one_budget_where_mad_works(scale):
+    eps: dict[str, set[float]] = defaultdict(set)
+    for c in _cells("datafree-table", scale):
+        if c["defense"]["name"] in ("mad", "mad_argmax"):
+            eps[c["defense"]["name"]].add(c["defense"]["params"]["epsilon"])
+    assert eps["mad"] == eps["mad_argmax"] and all(0.8 < e < 0.99 for e in eps["mad"]), eps
