@@ -25,7 +25,7 @@ from stealguard.errors import ConfigError
 from stealguard.reproduce.runner import plan
 from stealguard.reproduce.spec import get_path, load_spec
 from stealguard.reproduce.store import RunStore
-from stealguard.reproduce.tables import Row, rows_for, table_records
+from stealguard.reproduce.tables import Row, gap_line, rows_for, table_records
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 
@@ -50,8 +50,11 @@ def edm_part(scale: str, store: RunStore, data_root: str | Path | None) -> list[
     if not recs:
         return [f"*EDM Table 3: no stored cells at scale {scale} yet: run "
                 f"`stealguard reproduce edm-table3 --scale {scale}`.*"]
+    kept = [rows[i] for i in range(len(rows)) if i in keep]
+    agree = gap_line(spec, kept)
     return [f"**EDM Table 3** (MNIST, FashionMNIST; `stealguard reproduce edm-table3 "
-            f"--scale {scale}`), clone accuracy in percent:", "", *_md_table(header, recs)]
+            f"--scale {scale}`), clone accuracy in percent:", "", *_md_table(header, recs),
+            *(["", agree] if agree else [])]
 
 
 def _pct(v: float | None) -> str:

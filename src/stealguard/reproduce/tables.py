@@ -159,17 +159,55 @@ def _with_norm(v: float | None, norm: float | None, metric: str) -> str:
     return _fmt(v)
 
 
-def _gap(rows: list[Row], i: int, j: int | None, m: str) -> dict[str, str]:
-    if j is None:
-        return {"gap (ours)": "", "gap (paper)": "", "same sign": ""}
+def _gaps(rows: list[Row], i: int, j: int, m: str) -> tuple[float | None, float | None]:
+    """Row i's defended-minus-baseline gap in `m` (points), ours and the paper's."""
     a, b = rows[i], rows[j]
     ours = (_scale(m, a.metrics[m]) - _scale(m, b.metrics[m])
             if m in a.metrics and m in b.metrics else None)
     paper = (a.paper[m] - b.paper[m]) if m in a.paper and m in b.paper else None
+    return ours, paper
+
+
+def _same_sign(ours: float, paper: float) -> bool:
+    return (ours > 0) == (paper > 0) or abs(paper) < 0.5
+
+
+def _gap(rows: list[Row], i: int, j: int | None, m: str) -> dict[str, str]:
+    if j is None:
+        return {"gap (ours)": "", "gap (paper)": "", "same sign": ""}
+    ours, paper = _gaps(rows, i, j, m)
     same = ""
     if ours is not None and paper is not None:
-        same = "yes" if (ours > 0) == (paper > 0) or abs(paper) < 0.5 else "NO"
+        same = "yes" if _same_sign(ours, paper) else "NO"
     return {"gap (ours)": _fmt(ours, 1), "gap (paper)": _fmt(paper, 1), "same sign": same}
+
+
+def gap_agreement(spec: Spec, rows: list[Row]) -> dict[str, int]:
+    """How the measured gaps that have a paper counterpart agree with the paper's (issue
+    #16's targets: every sign the paper's, 80 % within FAR = 10 points): counts of gaps
+    compared, with the paper's sign, and within FAR points of the paper's gap."""
+    t = spec.table
+    out = {"compared": 0, "same_sign": 0, "within": 0}
+    if not (t and t.compare and t.metrics):
+        return out
+    m = t.metrics[0]
+    for i, j in baselines(rows, t.compare).items():
+        ours, paper = _gaps(rows, i, j, m)
+        if ours is None or paper is None:
+            continue
+        out["compared"] += 1
+        out["same_sign"] += _same_sign(ours, paper)
+        out["within"] += abs(ours - paper) <= FAR
+    return out
+
+
+def gap_line(spec: Spec, rows: list[Row]) -> str:
+    g = gap_agreement(spec, rows)
+    if not g["compared"]:
+        return ""
+    return (f"Gaps with a paper counterpart: {g['compared']}; with the paper's sign: "
+            f"{g['same_sign']}; within {FAR:.0f} points of the paper's gap: {g['within']} "
+            f"({100 * g['within'] / g['compared']:.0f} %).")
 
 
 def markdown(spec: Spec, plan: Plan, rows: list[Row], *, store_location: str) -> str:
@@ -193,6 +231,8 @@ def markdown(spec: Spec, plan: Plan, rows: list[Row], *, store_location: str) ->
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rec in recs:
         lines.append("| " + " | ".join(str(rec.get(h, "")) for h in header) + " |")
+    if gap_line(spec, rows):
+        lines += ["", gap_line(spec, rows)]
     if spec.notes:
         lines += ["", spec.notes.strip()]
     lines += ["", ("Accuracies in percent; (0.52x) is clone accuracy over the target's. "
