@@ -27,6 +27,18 @@ def _session_decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         os.environ["STEALGUARD_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    8x8 models are fastest on one thread, and OpenMP spinning on a busy machine is not."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, empty decoded-data cache for one test."""

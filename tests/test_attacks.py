@@ -15,30 +15,20 @@ from stealguard.attacks import (
 from stealguard.blackbox import LocalBlackBox
 from stealguard.errors import ConfigError, InputError, UnknownNameError
 from stealguard.models import build_model
-from stealguard.training import TrainConfig, accuracy, train
-from synthetic import quadrant_dataset, quadrant_images
+from stealguard.training import TrainConfig, accuracy
+from synthetic import quadrant_dataset, quadrant_images, quadrant_victim
 
 FAST = TrainConfig(epochs=1, batch_size=32, lr=0.05)
 ADAM = TrainConfig(epochs=6, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0,
                    schedule="constant")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """8x8 models are fastest on one thread, and OpenMP spinning on a busy machine is not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def victim():
-    x, y = quadrant_images(512, seed=1)
-    torch.manual_seed(0)
-    model = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
-    train(model, x, y, config=TrainConfig(epochs=4, batch_size=32, lr=0.05), progress=False)
-    return model
+    return quadrant_victim()
 
 
 @pytest.fixture(scope="module")

@@ -15,27 +15,18 @@ from stealguard.attacks.maze import kl_to_clone
 from stealguard.blackbox import LocalBlackBox
 from stealguard.errors import ConfigError, UnknownNameError
 from stealguard.models import GENERATORS, GeneratorConfig, build_generator, build_model, to_pixels
-from stealguard.training import TrainConfig, accuracy, train
-from synthetic import quadrant_images
+from stealguard.training import accuracy
+from synthetic import quadrant_images, quadrant_victim
 
 TINY = {"batch": 8, "generator": {"ngf": 4, "nz": 8}, "log_every": 10**9}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def victim():
-    x, y = quadrant_images(512, seed=1)
-    torch.manual_seed(0)
-    model = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
-    train(model, x, y, config=TrainConfig(epochs=4, batch_size=32, lr=0.05), progress=False)
-    return model
+    return quadrant_victim()
 
 
 class CountingBox(LocalBlackBox):

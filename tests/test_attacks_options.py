@@ -16,31 +16,20 @@ from stealguard.attacks import (
 from stealguard.attacks.transforms import color_jitter, random_affine
 from stealguard.blackbox import LocalBlackBox, predict_proba
 from stealguard.errors import ConfigError
-from stealguard.models import build_model
-from stealguard.training import TrainConfig, accuracy, train
-from synthetic import quadrant_dataset, quadrant_images
+from stealguard.training import TrainConfig, accuracy
+from synthetic import quadrant_dataset, quadrant_images, quadrant_victim
 
 FAST = TrainConfig(epochs=3, batch_size=32, lr=0.05)
 STILL = AffineColorJitter(degrees=0, translate=0, scale_min=1, scale_max=1, shear=0,
                           brightness=0, contrast=0, saturation=0, hue=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """8x8 models are fastest on one thread, and OpenMP spinning on a busy machine is not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def victim():
-    x, y = quadrant_images(512, seed=1)
-    torch.manual_seed(0)
-    model = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
-    train(model, x, y, config=TrainConfig(epochs=4, batch_size=32, lr=0.05), progress=False)
-    return model
+    return quadrant_victim()
 
 
 class Recording(LocalBlackBox):

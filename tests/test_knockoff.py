@@ -1,22 +1,17 @@
 import pytest
-import torch
 
 from stealguard.attacks import ATTACKS, KnockoffNets
 from stealguard.blackbox import LocalBlackBox
 from stealguard.errors import ConfigError, UnknownNameError
 from stealguard.metrics import clone_metrics
 from stealguard.models import build_model
-from stealguard.training import TrainConfig, accuracy, train
-from synthetic import quadrant_dataset, quadrant_images
+from stealguard.training import TrainConfig, accuracy
+from synthetic import quadrant_dataset, quadrant_images, quadrant_victim
 
 
 @pytest.fixture(scope="module")
 def victim():
-    x, y = quadrant_images(512, seed=1)
-    torch.manual_seed(0)
-    model = build_model("conv3", in_channels=1, image_size=8, num_classes=4)
-    train(model, x, y, config=TrainConfig(epochs=4, batch_size=32, lr=0.05), progress=False)
-    return model
+    return quadrant_victim()
 
 
 @pytest.mark.parametrize("labels", ["soft", "hard"])

@@ -36,13 +36,7 @@ def _write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, split:
         Image.fromarray(img[0].numpy(), mode="L").save(d / f"{i}.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """8x8 models are fastest on one thread, and OpenMP spinning on a busy machine is not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
