@@ -250,3 +250,24 @@ def test_no_progress_bars_under_json_or_when_piped(monkeypatch):
     assert console.show_progress(False) and not console.show_progress(True)
     monkeypatch.setattr(console.sys, "stdout", open(os.devnull, "w"))
     assert not console.show_progress(False)
+
+
+def test_key_value_items_share_one_checker() -> None:
+    """--param (defenses, attacks) and --set name what is wrong the same way."""
+    from stealguard.attacks import parse_attack_params
+    from stealguard.defenses.builder import parse_defense_params
+    from stealguard.errors import ConfigError
+    from stealguard.reproduce.spec import parse_overrides
+
+    for parse, what in ((parse_defense_params, "defense parameter"),
+                        (parse_attack_params, "attack parameter"), (parse_overrides, "--set")):
+        with pytest.raises(ConfigError, match=f"{what} 'epsilon' must look like"):
+            parse(["epsilon"])
+        with pytest.raises(ConfigError, match="must look like"):
+            parse(["=3"])
+    for parse in (parse_defense_params, parse_attack_params):
+        with pytest.raises(ConfigError, match="given twice"):
+            parse(["k=1", "k=2"])
+    assert parse_overrides(["budget=1", "budget=2"]) == {"budget": 2}  # the last one wins
+    assert parse_attack_params(["clone.lr=0.1", "seed_size= 20"]) == {
+        "clone": {"lr": "0.1"}, "seed_size": "20"}

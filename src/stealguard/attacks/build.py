@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from stealguard.attacks.base import ATTACKS, Attack, AttackParams, validate_attack_params
 from stealguard.data import ImageDataset
 from stealguard.errors import ConfigError
+from stealguard.keyvalues import split_items
 
 
 def attack_params_class(name: str) -> type[AttackParams]:
@@ -56,12 +57,8 @@ def parse_attack_params(items: Iterable[str]) -> dict[str, Any]:
     """["seed_size=20", "clone.lr=0.1"] -> {"seed_size": "20", "clone": {"lr": "0.1"}}
     (values stay strings; a dotted key sets a field of a nested model)."""
     out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ConfigError(f"attack parameter {item!r} must look like name=value, for "
-                              "example seed_size=100 or clone.epochs=10")
+    for key, value in split_items(items, what="attack parameter",
+                                  example="seed_size=100 or clone.epochs=10"):
         *parents, leaf = key.split(".")
         node = out
         for part in parents:

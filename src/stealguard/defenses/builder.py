@@ -16,24 +16,14 @@ from typing import Any
 import torch
 
 from stealguard.defenses.base import DEFENSES, Defense, DefenseParams, validate_params
-from stealguard.errors import ConfigError
+from stealguard.keyvalues import split_items
 
 ParamValue = str | float | int | bool
 
 
 def parse_defense_params(items: Iterable[str]) -> dict[str, str]:
     """["epsilon=0.5", "dist=l2"] -> {"epsilon": "0.5", "dist": "l2"} (values stay strings)."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ConfigError(f"defense parameter {item!r} must look like name=value, "
-                              "for example epsilon=0.5")
-        if key in out:
-            raise ConfigError(f"defense parameter {key!r} given twice")
-        out[key] = value
-    return out
+    return dict(split_items(items, what="defense parameter", example="epsilon=0.5"))
 
 
 def build_defense(name: str, params: Mapping[str, ParamValue] | None = None, *,

@@ -53,6 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stealguard.errors import ConfigError, StealguardError
+from stealguard.keyvalues import split_items
 from stealguard.reproduce.tasks import TASKS, CellBase
 
 SPEC_DIR = Path(__file__).with_name("specs")
@@ -218,16 +219,12 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """["budget=1000", "victim.train.epochs=1"] -> {"budget": 1000, "victim.train.epochs": 1}.
     Values are YAML scalars or flow collections ("0.5", "true", "null", "[1, 2]", "{a: 1}")."""
     out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r} must look like field.path=value, for example "
-                              "budget=1000 or victim.train.epochs=1")
+    for key, value in split_items(items, what="--set", pattern="field.path=value",
+                                  example="budget=1000 or victim.train.epochs=1", repeat=True):
         try:
-            out[key] = yaml.safe_load(value) if value.strip() else ""
+            out[key] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+            raise ConfigError(f"--set {key}={value}: the value is not valid YAML: {e}") from None
     return out
 
 
