@@ -35,8 +35,8 @@ QUICK = {  # = specs/datafree-table.yaml, scale quick
              "lr_clone": 0.003, "lr_generator": 0.0001, "schedule": "constant"},
     "maze": {"batch": 64, "directions": 4, "generator": {"ngf": 16}, "lr_generator": 0.001},
 }
-DEFENSES = [("none", {}), ("mad", {"epsilon": 0.5, "jacobian": "last_layer"}),
-            ("mad_argmax", {"epsilon": 1.0, "jacobian": "last_layer"}),
+DEFENSES = [("none", {}), ("mad", {"epsilon": 0.9, "jacobian": "last_layer"}),  # = the spec's
+            ("mad_argmax", {"epsilon": 0.9, "jacobian": "last_layer"}),
             ("reverse_sigmoid", {"gamma": 0.2, "beta": 0.7}), ("topk", {"k": 1}),
             ("rounding", {"decimals": 1})]
 
