@@ -113,6 +113,9 @@ def test_cpu_max_pool_is_bit_identical_to_torch(kernel: int, stride: int | None,
     jac = torch.func.jacrev(lambda t: ours(t).sum(dim=(2, 3)))(x[:1].detach())
     jac_ref = torch.func.jacrev(lambda t: ref(t).sum(dim=(2, 3)))(x[:1].detach())
     assert torch.equal(jac, jac_ref)
+    # and under vmap (the CUDA form of EDM's members runs the pool inside one)
+    batched = torch.func.vmap(ours)(x.detach().unsqueeze(0).expand(2, -1, -1, -1, -1))
+    assert torch.equal(batched[1], y_ref.detach())
 
 
 def test_training_with_our_max_pool_matches_torch_to_the_bit() -> None:

@@ -50,9 +50,9 @@ class MaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dim() != 4 or self.return_indices
-                or x.is_contiguous(memory_format=torch.channels_last)
-                or torch._C._functorch.maybe_current_level() is not None):
+        if (torch._C._functorch.maybe_current_level() is not None  # first: vmap cannot
+                or x.device.type != "cpu" or x.dim() != 4 or self.return_indices  # answer
+                or x.is_contiguous(memory_format=torch.channels_last)):  # is_contiguous(NHWC)
             return super().forward(x)
         kernel = list(_pair(self.kernel_size))
         stride = list(_pair(self.stride if self.stride is not None else self.kernel_size))
