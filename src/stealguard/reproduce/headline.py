@@ -25,7 +25,7 @@ from stealguard.errors import ConfigError
 from stealguard.reproduce.runner import plan
 from stealguard.reproduce.spec import get_path, load_spec
 from stealguard.reproduce.store import RunStore
-from stealguard.reproduce.tables import Row, gap_line, rows_for, table_records
+from stealguard.reproduce.tables import Row, gap_line, rows_for, show_value, table_records
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 
@@ -50,8 +50,7 @@ def edm_part(scale: str, store: RunStore, data_root: str | Path | None) -> list[
     if not recs:
         return [f"*EDM Table 3: no stored cells at scale {scale} yet: run "
                 f"`stealguard reproduce edm-table3 --scale {scale}`.*"]
-    kept = [rows[i] for i in range(len(rows)) if i in keep]
-    agree = gap_line(spec, kept)
+    agree = gap_line(spec, [rows[i] for i in keep])
     return [f"**EDM Table 3** (MNIST, FashionMNIST; `stealguard reproduce edm-table3 "
             f"--scale {scale}`), clone accuracy in percent:", "", *_md_table(header, recs),
             *(["", agree] if agree else [])]
@@ -59,11 +58,6 @@ def edm_part(scale: str, store: RunStore, data_root: str | Path | None) -> list[
 
 def _pct(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
-
-def _setting(r: Row) -> str:
-    params = get_path(r.params, "defense.params", {}) or {}
-    return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "-"
 
 
 def _defense(r: Row) -> str:
@@ -90,7 +84,8 @@ def mad_part(scale: str, store: RunStore, data_root: str | Path | None) -> list[
                 continue  # mad-fig3's knockoff cells are mad-fig4's: shown once
             seen.add(r.record.cell_key)
             key = (str(get_path(r.params, "victim.dataset", "-")),
-                   str(get_path(r.params, "attack", "-")), _defense(r), _setting(r))
+                   str(get_path(r.params, "attack", "-")), _defense(r),
+                   show_value(get_path(r.params, "defense.params", {}) or {}))
             rec = lines.setdefault(key, {"dataset": key[0], "attack": key[1], "defense": key[2],
                                          "setting": key[3]})
             labels = str(get_path(r.params, "options.labels", "soft"))

@@ -128,7 +128,7 @@ def table_records(spec: Spec, rows: list[Row]) -> tuple[list[str], list[dict[str
     header += ["note"]
     out = []
     for i, r in enumerate(rows):
-        rec: dict[str, Any] = {c: _show(get_path(r.params, p, "-")) for c, p in columns.items()}
+        rec: dict[str, Any] = {c: show_value(get_path(r.params, p, "-")) for c, p in columns.items()}
         notes = [] if r.status == "ok" else [r.status]
         for m in metrics:
             ours = _scale(m, r.metrics[m]) if m in r.metrics else None
@@ -145,7 +145,8 @@ def table_records(spec: Spec, rows: list[Row]) -> tuple[list[str], list[dict[str
     return header, out
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any) -> str:
+    """A cell parameter as a table shows it: a mapping as sorted k=v pairs ("-" if empty)."""
     if isinstance(v, dict):
         return ",".join(f"{k}={x}" for k, x in sorted(v.items())) or "-"
     return str(v)
@@ -231,8 +232,9 @@ def markdown(spec: Spec, plan: Plan, rows: list[Row], *, store_location: str) ->
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rec in recs:
         lines.append("| " + " | ".join(str(rec.get(h, "")) for h in header) + " |")
-    if gap_line(spec, rows):
-        lines += ["", gap_line(spec, rows)]
+    agree = gap_line(spec, rows)
+    if agree:
+        lines += ["", agree]
     if spec.notes:
         lines += ["", spec.notes.strip()]
     lines += ["", ("Accuracies in percent; (0.52x) is clone accuracy over the target's. "
