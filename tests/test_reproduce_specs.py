@@ -230,3 +230,17 @@ def test_datafree_table_compares_mad_and_mad_argmax_at_one_budget_where_mad_work
         if c["defense"]["name"] in ("mad", "mad_argmax"):
             eps[c["defense"]["name"]].add(c["defense"]["params"]["epsilon"])
     assert eps["mad"] == eps["mad_argmax"] and all(0.8 < e < 0.99 for e in eps["mad"]), eps
+
+
+def test_datafree_table_cpu_scale_is_the_quick_mnist_rows_at_larger_budgets():
+    """Issue #19's 90 % target: the cpu scale reruns quick's MNIST cells (same victims, same
+    attack settings) and changes nothing but the budget, which grows for both attacks."""
+    quick = {(c.attack, c.victim.training, c.defense.name): c
+             for c in load_spec("datafree-table").cells("quick") if c.victim.dataset == "mnist"}
+    cpu = load_spec("datafree-table").cells("cpu")
+    assert {c.victim.dataset for c in cpu} == {"mnist"} and len(cpu) == len(quick) == 14
+    for c in cpu:
+        q = quick[(c.attack, c.victim.training, c.defense.name)]
+        assert c.victim.key() == q.victim.key()  # the cached quick victims, not new ones
+        assert c.options == q.options and c.defense == q.defense
+        assert c.budget > q.budget
