@@ -15,7 +15,7 @@ from stealguard.errors import StealguardError
 def reproduce_command(
     spec: str = typer.Argument(..., help="A spec name (see `stealguard specs`) or a YAML path."),
     scale: str = typer.Option("quick", "--scale", help="quick (2-core CPU, minutes), cpu "
-                                                      "(2-core CPU, about 90 min for the "
+                                                      "(2-core CPU, about 2.5 h for the "
                                                       "papers' main cells) or full (the "
                                                       "papers' sizes, for a GPU)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else "

@@ -57,7 +57,7 @@ from stealguard.keyvalues import split_items
 from stealguard.reproduce.tasks import TASKS, CellBase
 
 SPEC_DIR = Path(__file__).with_name("specs")
-SCALES = ("quick", "cpu", "full")  # quick: minutes; cpu: ~90 min on 2 cores; full: the papers' sizes
+SCALES = ("quick", "cpu", "full")  # quick: minutes; cpu: ~2.5 h on 2 cores; full: the papers' sizes
 
 
 class Rule(BaseModel):
