@@ -87,7 +87,18 @@ def test_max_pools_are_skipped_when_the_image_is_too_small() -> None:
     assert len(pools) == 4
 
 
-@pytest.mark.parametrize("arch", ["conv3", "lenet"])
+def test_conv3_maze_has_the_authors_layers() -> None:
+    """conv3_maze is the EDM authors' conv3 for MNIST (MAZE code, conv3_mnist.py): no padding,
+    two pools, 2048 -> 256 -> 10. Its parameter count follows from those layers alone:
+    conv 1*32*9+32, 32*64*9+64, 64*128*9+128, fc 2048*256+256, 256*10+10."""
+    model = build_model("conv3_maze", in_channels=1, image_size=28, num_classes=10)
+    assert n_params(model) == 320 + 18_496 + 73_856 + 524_544 + 2_570
+    assert model.classifier.in_features == 256
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.padding for c in convs] == [(0, 0)] * 3
+
+
+@pytest.mark.parametrize("arch", ["conv3", "lenet", "conv3_maze"])
 def test_too_small_images_are_rejected(arch: str) -> None:
     with pytest.raises(ConfigError, match="image_size must be >="):
         build_model(arch, in_channels=1, image_size=4, num_classes=10)

@@ -46,6 +46,38 @@ class Conv3(nn.Module):
         return self.classifier(self.forward_features(x))  # (B, K)
 
 
+class Conv3Maze(nn.Module):
+    """The 3-layer CNN of the EDM authors' own code (Kariyappa et al., MAZE, CVPR 2021,
+    github.com/sanjaykariyappa/MAZE, `src/models/conv3_mnist.py`; the EDM paper gives no
+    layers, this is the same authors' conv3 for MNIST-like inputs):
+
+        conv 3x3 (no pad) 32 -> ReLU -> max-pool 2x2 -> conv 3x3 64 -> ReLU
+        -> conv 3x3 128 -> ReLU -> max-pool 2x2 -> flatten -> Linear(128 * s * s, 256)
+        -> ReLU -> classifier Linear(256, K),
+
+    with s = ((image_size - 2) // 2 - 4) // 2 (4 for 28x28). Features D = 256. PyTorch's
+    default initialisation, as the authors' code (no `init_weights`).
+    """
+
+    def __init__(self, *, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 128, 3), nn.ReLU(inplace=True), MaxPool2d(2),
+        )
+        side = ((image_size - 2) // 2 - 4) // 2
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(128 * side * side, 256),
+                                    nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(256, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hidden(self.features(x))  # (B, C, H, W) -> (B, 128, s, s) -> (B, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))  # (B, K)
+
+
 class LeNet5(nn.Module):
     """LeNet-5 with ReLU and max-pooling (the common modern variant):
 
@@ -83,6 +115,14 @@ def conv3(*, in_channels: int, image_size: int, num_classes: int) -> Conv3:
     net = Conv3(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
     init_weights(net)
     return net
+
+
+@MODELS.register("conv3_maze")
+def conv3_maze(*, in_channels: int, image_size: int, num_classes: int) -> Conv3Maze:
+    """The EDM authors' conv3 from their MAZE code (MNIST-like inputs), default init."""
+    check_spec("conv3_maze", in_channels=in_channels, image_size=image_size,
+               num_classes=num_classes, min_size=14)
+    return Conv3Maze(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
 
 
 @MODELS.register("lenet")
