@@ -253,3 +253,21 @@ def test_datafree_table_cpu_scale_is_the_quick_mnist_rows_at_larger_budgets():
         assert c.victim.key() == q.victim.key()  # the cached quick victims, not new ones
         assert c.options == q.options and c.defense == q.defense
         assert c.budget > q.budget
+
+
+def test_the_cpu_scale_victims_of_edm_fig5_are_those_of_edm_tables_3_and_4():
+    """edm-fig5 repeats _edm's cpu rule for the FashionMNIST victims: the coherence is measured
+    on the very victims the tables attack (one artifact each), and FashionMNIST's are trained
+    on all 60,000 augmented images."""
+    def victims(name: str) -> dict[tuple[str, str], str]:
+        return {(c.victim.dataset, c.victim.training): c.victim.key()
+                for c in load_spec(name).cells("cpu")}
+
+    tables = victims("edm-table3") | victims("edm-table4")
+    fig5 = victims("edm-fig5")
+    assert set(fig5) == {(d, t) for d in ("mnist", "fashionmnist")
+                         for t in ("edm", "ensemble")}
+    assert all(fig5[k] == tables[k] for k in fig5), "edm-fig5's cpu rule is out of step"
+    fm = [c.victim for c in load_spec("edm-table3").cells("cpu")
+          if c.victim.dataset == "fashionmnist"]
+    assert {(v.subset, v.train.augment) for v in fm} == {(None, True)}
